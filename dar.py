@@ -922,6 +922,16 @@ def save_checkpoint(obj, path):
         raise
 
 
+def model_checkpoint(model, ema=None, **extra):
+    """Our checkpoint dict: kind, config (a plain dict) and weights, plus whatever the trainer adds
+    (optimizer, step, RNG states...). Models are saved unwrapped (no DDP / compile prefixes)."""
+    kind = {Tokenizer: "dar.tokenizer", GPT: "dar.gpt"}[type(model)]
+    ckpt = dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(), **extra)
+    if ema is not None:
+        ckpt["ema"] = ema.state_dict()
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True (no code from the file runs) and an allow-list that maps
     the official config class to a plain dict. Raises CheckpointError with a one-line reason."""
@@ -1145,6 +1155,188 @@ def gpt_config(preset, **overrides):
     return GPTConfig(**{**GPT_PRESETS[preset], **overrides})
 
 
-def config_dict(cfg):
-    """A config as a plain dict, for checkpoints (rebuilt with tokenizer_config / GPTConfig(**d))."""
-    return asdict(cfg)
+
+# -----------------------------------------------------------------------------
+# 12. For the scripts: images, datasets, distributed runs, EMA
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+def load_image(path):
+    """An RGB PIL image (grayscale and palette images become 3-channel); a clear error otherwise."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def fit_shorter_side(img, size):
+    """Scale so that the shorter side is `size` (ADM: BOX halving, then bicubic). Images smaller
+    than that are padded with black instead of blown up (Fashion-MNIST 28 px -> 32 px)."""
+    from PIL import Image
+    if min(img.size) < size:
+        w, h = max(img.size[0], size), max(img.size[1], size)
+        canvas = Image.new("RGB", (w, h))
+        canvas.paste(img, ((w - img.size[0]) // 2, (h - img.size[1]) // 2))
+        return canvas
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    return img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+
+
+def crop(img, x, y, size):
+    return img.crop((x, y, x + size, y + size))
+
+
+def center_crop(img, size):
+    """ADM's centre crop: shorter side to size, then the central size x size square."""
+    img = fit_shorter_side(img, size)
+    return crop(img, (img.size[0] - size) // 2, (img.size[1] - size) // 2, size)
+
+
+def random_crop(img, size, rng, min_frac=0.8):
+    """The tokenizer's augmentation (ADM random_crop_arr): shorter side to a random length in
+    [size, size / 0.8], then a random size x size crop."""
+    img = fit_shorter_side(img, rng.randint(size, math.ceil(size / min_frac)))
+    return crop(img, rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size), size)
+
+
+def ten_crop(img, size, i):
+    """Crop i of the ten (four corners and centre, then the same mirrored) of an image that is a
+    little larger than size (the AR model's augmentation: centre crop at 1.1x, one of ten crops)."""
+    from PIL import Image
+    W, H = img.size
+    x, y = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size), ((W - size) // 2, (H - size) // 2)][i % 5]
+    out = crop(img, x, y, size)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if i >= 5 else out
+
+
+def to_tensor(img):
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    import numpy as np
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounded as torchvision's save_image."""
+    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow=8):
+    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, nrow images per row, 2 px gaps."""
+    from PIL import Image
+    x = to_uint8(images)
+    B, H, W, _ = x.shape
+    nrow = min(nrow, B)
+    rows = -(-B // nrow)
+    grid = Image.new("RGB", (nrow * (W + 2) + 2, rows * (H + 2) + 2))
+    for i in range(B):
+        grid.paste(Image.fromarray(x[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image, label) pairs from an ImageFolder tree (root/<class>/<image>, classes sorted by
+    name, as ImageNet is usually laid out) or from in-memory arrays (Fashion-MNIST).
+    transform(PIL image, index) -> tensor; it gets the index so augmentations can be chosen
+    deterministically per sample."""
+
+    def __init__(self, files=None, labels=None, arrays=None, classes=None, transform=None):
+        self.files, self.labels, self.arrays = files, labels, arrays
+        self.classes, self.transform = classes, transform
+
+    @classmethod
+    def folder(cls, root, transform=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root}: no such directory (expected root/<class>/<image> "
+                                    f"or a built-in name: {', '.join(BUILTIN_DATASETS)})")
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not classes:
+            raise ValueError(f"--data {root}: no class sub-folders (expected root/<class>/<image>)")
+        files, labels = [], []
+        for label, c in enumerate(classes):
+            found = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, c), followlinks=True)
+                           for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise ValueError(f"--data {root}: class folder '{c}' holds no images")
+            files += found
+            labels += [label] * len(found)
+        return cls(files=files, labels=labels, classes=classes, transform=transform)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.arrays[i]).convert("RGB") if self.files is None else load_image(self.files[i])
+        return (self.transform(img, i) if self.transform else img), self.labels[i]
+
+
+def read_idx(path):
+    """An IDX file (MNIST format), gzipped or not -> uint8 numpy array."""
+    import gzip
+    import numpy as np
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(train=True, transform=None):
+    """Fashion-MNIST (10 classes, 28x28 grey): from Debian's dataset-fashion-mnist files when
+    present, else torchvision's download into ~/.cache/dar."""
+    prefix = "train" if train else "t10k"
+    images = os.path.join(FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte.gz")
+    if os.path.exists(images):
+        x, y = read_idx(images), read_idx(os.path.join(FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
+    else:
+        try:
+            import torchvision
+            ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
+            x, y = ds.data.numpy(), ds.targets.numpy()
+        except Exception as e:
+            raise RuntimeError(f"Fashion-MNIST is neither in {FASHION_MNIST_DIR} (Debian package "
+                               f"dataset-fashion-mnist) nor downloadable ({e})") from None
+    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+    return ImageDataset(arrays=x, labels=[int(v) for v in y], classes=classes, transform=transform)
+
+
+BUILTIN_DATASETS = {"fashion-mnist": fashion_mnist}
+
+
+def build_dataset(data, transform=None, train=True):
+    """--data: a built-in name or an ImageFolder directory."""
+    if data in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[data](train=train, transform=transform)
+    return ImageDataset.folder(data, transform)
+
+
+def setup_distributed():
+    """(rank, world_size, device). A process group only when torchrun set RANK: NCCL on GPUs,
+    gloo on CPU. One GPU per process (LOCAL_RANK); the same script runs with plain python."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)

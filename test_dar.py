@@ -1,0 +1,458 @@
+"""
+Tests for D-AR. Run: pytest test_dar.py
+
+Parity with the official code (golden/: official-format tiny checkpoints and what the official
+code computes from them), invariants of the model and its samplers, checkpoints and bad input,
+then tiny end-to-end runs of the scripts. CPU, float32, fixed seeds, no network.
+"""
+
+import math
+import os
+import pickle
+import re
+
+import pytest
+import torch
+
+import dar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, "golden")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def rel_err(a, b):
+    """max |a - b| relative to the scale (max |b|) of the reference."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return dar.Tokenizer.from_checkpoint(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tio():
+    return torch.load(os.path.join(GOLDEN, "tokenizer_tiny_io.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return dar.GPT.from_checkpoint(os.path.join(GOLDEN, "gpt_tiny.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def gio():
+    return torch.load(os.path.join(GOLDEN, "gpt_tiny_io.pt"), weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Parity with the official code (max error 1e-4 of the tensor's scale, fp32 CPU)
+
+TOL = 1e-4
+
+
+def test_official_tokenizer_loads_ema_and_config(tok):
+    ckpt = dar.load_checkpoint(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"))
+    assert isinstance(ckpt["config"], dict)  # config_util.Config mapped to a plain dict
+    c = tok.cfg
+    assert (c.enc_dim, c.num_tokens, c.num_groups, c.codebook_size, c.dit_depth, c.image_size) == (128, 16, 4, 64, 2, 64)
+    # EMA and raw weights differ: the loader must have used the EMA ones
+    ema = dar.convert_official_tokenizer(ckpt["ema"])
+    raw = dar.convert_official_tokenizer(ckpt["model"])
+    name = "dit.blocks.0.ada.weight"
+    assert not torch.equal(ema[name], raw[name])
+    assert torch.equal(tok.state_dict()[name], ema[name])
+    raw_tok = dar.Tokenizer.from_checkpoint(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), use_ema=False)
+    assert torch.equal(raw_tok.state_dict()[name], raw[name])
+
+
+def test_encoder_and_codes(tok, tio):
+    with torch.no_grad():
+        assert rel_err(tok.encoder(tio["images"]), tio["z_pre_quant"]) < TOL
+    assert torch.equal(tok.encode(tio["images"]), tio["codes"])
+
+
+def test_token_decoder(tok, tio):
+    with torch.no_grad():
+        assert rel_err(tok.cond_tokens(tio["codes"]), tio["cond"]) < TOL
+
+
+def test_velocity_field(tok, tio):
+    G = tok.cfg.group_size
+    with torch.no_grad():
+        cond = tok.cond_tokens(tio["codes"])
+        groups = torch.stack([cond[i, g * G:(g + 1) * G] for i, g in enumerate(tio["vel_group"].tolist())])
+        v, repa = tok.dit(tio["vel_xt"], tio["vel_t"], groups)
+    assert repa is None
+    assert rel_err(v, tio["vel_v"]) < TOL
+
+
+@pytest.mark.parametrize("sampler", ["adams2", "euler"])
+def test_full_decode_and_previews(tok, tio, sampler):
+    states = list(tok.decode_steps(tio["codes"], tio["noise"], sampler=sampler))
+    assert [s.step for s in states] == [1, 2, 3, 4]
+    assert rel_err(states[-1].preview, tio[f"decoded_{sampler}"]) < TOL
+    for k in (1, 2, 3):  # preview after k groups = official decode with clip_steps=k
+        assert rel_err(states[k - 1].preview, tio[f"preview_{sampler}_{k}"]) < TOL
+
+
+def test_default_decode_is_adams2(tok, tio):
+    assert rel_err(tok.decode(tio["codes"], tio["noise"]), tio["decode_code_default"]) < TOL
+
+
+def test_shifted_schedule(tio):
+    times, groups = dar.sampling_schedule(4, 4, 2.0)
+    assert rel_err(times, tio["schedule_shifted"]) < TOL
+    assert groups == [0, 1, 2, 3]
+
+
+def test_pinned_training_forward(tok, tio):
+    out = tok(tio["images"], t=tio["train_t_uniform"], noise=tio["train_noise"])
+    assert out["group"].tolist() == [0, 2, 3]  # t_u = .05, .49, .93 with K = 4
+    assert rel_err(out["t"], tio["train_t_shifted"]) < TOL
+    assert rel_err(out["cond"], tio["train_cond_tokens"]) < TOL
+    for name in ("fm_loss", "vq_loss", "commit_loss", "x1_hat"):
+        assert rel_err(out[name], tio[f"train_{name}"]) < TOL, name
+
+
+def test_ar_logits(gpt, gio):
+    assert gpt.cfg.num_classes == gio["num_classes"] == 10
+    with torch.no_grad():
+        assert rel_err(gpt(gio["tokens"], gio["labels"]), gio["logits"]) < TOL
+        null = torch.full_like(gio["labels"], gpt.cfg.num_classes)
+        assert rel_err(gpt(gio["tokens"], null), gio["logits_uncond"]) < TOL
+
+
+def test_cfg_logits(gpt, gio):
+    scales = dar.cfg_schedule((1.1, 8.0), 16)
+    assert rel_err(scales, gio["cfg_schedule"]) < TOL
+    with torch.no_grad():
+        labels = torch.cat([gio["labels"], torch.full_like(gio["labels"], gpt.cfg.num_classes)])
+        both = gpt(torch.cat([gio["tokens"], gio["tokens"]]), labels)          # [cond ; uncond] rows
+    guided = dar.guided_logits(both, scales[None, :, None])
+    assert rel_err(guided, gio["logits_cfg"]) < TOL
+
+
+def kv_logits(gpt, labels, tokens):
+    """Logits of every position computed one token at a time through the KV cache."""
+    B, N = tokens.shape
+    gpt.setup_cache(B, N + 1)
+    try:
+        out = [dar.prefill(gpt, labels, tokens[:, :0])]
+        for i in range(N - 1):
+            out.append(dar.decode_one_token(gpt, tokens[:, i], torch.tensor([i + 1])))
+    finally:
+        gpt.clear_cache()
+    return torch.stack(out, 1)
+
+
+def test_kv_cache_logits(gpt, gio):
+    with torch.no_grad():
+        assert rel_err(kv_logits(gpt, gio["labels"], gio["tokens"]), gio["logits_kv"]) < TOL
+
+
+# -----------------------------------------------------------------------------
+# Full-size presets against the official key listings (built on the meta device)
+
+def official_listing(name):
+    lines = open(os.path.join(GOLDEN, f"official_keys_{name}.txt")).read().splitlines()
+    count = int(re.search(r"(\d+) parameters", lines[0]).group(1))
+    sd = {}
+    for line in lines[1:]:
+        key, shape, _ = line.split("\t")
+        sd[key] = torch.empty(eval(shape), device="meta")
+    return count, sd
+
+
+def load_meta(model, sd):
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    for k, v in model.state_dict().items():
+        assert v.shape == sd[k].shape, k
+
+
+def test_tokenizer_v1_matches_official_listing():
+    count, sd = official_listing("tokenizer_v1")
+    with torch.device("meta"):
+        model = dar.Tokenizer(dar.tokenizer_config("tokenizer_v1"))
+    assert sum(p.numel() for p in model.parameters()) == count == 307_444_672
+    assert sum(p.numel() for p in model.dit.parameters()) - sum(p.numel() for p in model.dit.repa.parameters()) == 185_129_664
+    assert sum(p.numel() for p in model.dit.repa.parameters()) == 7_344_896
+    load_meta(model, dar.convert_official_tokenizer(sd))
+    # the released tokenizer config converts to the same preset
+    official_cfg = {"model": dict(encoder_patch_size=16, num_encoder_layers=8, num_decoder_layers=8,
+                                  query_low_rank=True, encoder_dim=768, decoder_dim=768, vq_dim=8,
+                                  vq_codebook_size=16384, num_denoising_steps=8, num_query_groups=8,
+                                  num_all_queries=256, queries_per_step=32, vq_enable=True,
+                                  diff_decoder=dict(in_dim=3, out_dim=3, dim=768, cond_dim=768, patch_size=8,
+                                                    depth=12, data_std=0.6, time_shift=2, mlp_head=False,
+                                                    share_time_encoding=False))}
+    assert dar.tokenizer_config_from_official(official_cfg) == dar.tokenizer_config("tokenizer_v1")
+
+
+@pytest.mark.parametrize("preset,listing,expected", [("GPT-L", "gpt_L", 342_910_976), ("GPT-XL", "gpt_XL", 774_699_520)])
+def test_gpt_matches_official_listing(preset, listing, expected):
+    count, sd = official_listing(listing)
+    with torch.device("meta"):
+        model = dar.GPT(dar.gpt_config(preset))
+    assert sum(p.numel() for p in model.parameters()) == count == expected
+    converted = dar.convert_official_gpt({"_orig_mod." + k: v for k, v in sd.items()})
+    load_meta(model, converted)
+    assert dar.gpt_config_from_weights(converted) == dar.gpt_config(preset)
+
+
+# -----------------------------------------------------------------------------
+# Invariants
+
+def tiny_tokenizer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = dar.Tokenizer(dar.tokenizer_config("tokenizer_tiny", **overrides))
+    with torch.no_grad():  # open the zero-initialised branches so that every path carries signal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=64, block_size=16, num_classes=10, **overrides))
+    with torch.no_grad():
+        model.output.weight.normal_(std=0.5)
+    return model.eval()
+
+
+def test_kv_cache_equals_full_forward_with_cfg_batch():
+    gpt = tiny_gpt()
+    tokens = torch.randint(0, 64, (3, 16))
+    labels = torch.tensor([1, 10, 4])  # one null-class row, as in CFG batches
+    with torch.no_grad():
+        full = gpt(tokens, labels)
+        assert rel_err(kv_logits(gpt, labels, tokens), full) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [1.0, (1.1, 8.0)])
+def test_greedy_generation_equals_full_forward(gpt, cfg):
+    """KV-cache generation picks, at every position, the argmax of the full forward's (guided) logits."""
+    labels = torch.tensor([3, 7])
+    tokens = dar.generate(gpt, labels, num_tokens=16, cfg=cfg, temperature=0)
+    with torch.no_grad():
+        logits = gpt(tokens, labels)
+        if cfg != 1.0:
+            uncond = gpt(tokens, torch.full_like(labels, 10))
+            logits = uncond + (logits - uncond) * dar.cfg_schedule(cfg, 16)[None, :, None]
+    assert torch.equal(logits.argmax(-1), tokens)
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    assert set(dar.sample_logits(logits, top_k=2).tolist()) == {2, 3}
+    # softmax([0,1,2,3]) = .032 .087 .237 .644: top_p .7 keeps {3, 2}, top_p .5 keeps {3}
+    assert set(dar.sample_logits(logits, top_p=0.7).tolist()) == {2, 3}
+    assert set(dar.sample_logits(logits, top_p=0.5).tolist()) == {3}
+    freq = torch.bincount(dar.sample_logits(logits), minlength=4).float() / 2000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.04)
+    assert dar.sample_logits(logits[:1], temperature=0).item() == 3
+
+
+class FieldDiT(torch.nn.Module):
+    """Stands in for the pixel DiT: a known velocity field v(x, t)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, cond, repa=False):
+        return self.fn(x, t[0]), None
+
+
+def solve(model, steps, sampler, noise):
+    codes = torch.zeros(noise.shape[0], model.cfg.num_tokens, dtype=torch.long)
+    return model.decode(codes, noise, sampler=sampler, steps=steps) * model.cfg.data_std  # x(1)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "adams2"])
+def test_samplers_exact_on_constant_velocity(sampler):
+    model = tiny_tokenizer()
+    a = torch.randn(1, 3, 32, 32)
+    model.dit = FieldDiT(lambda x, t: a.expand_as(x))
+    noise = torch.randn(2, 3, 32, 32)
+    for steps in (4, 7, 8):
+        assert torch.allclose(solve(model, steps, sampler, noise), noise + a, atol=1e-5)
+
+
+def test_sampler_orders_on_linear_ode():
+    """x' = lam x from t = 0 to 1 over the shifted grid: Euler is first order, AB2 second order."""
+    model = tiny_tokenizer()
+    lam = 1.5
+    model.dit = FieldDiT(lambda x, t: lam * x)
+    noise = torch.ones(1, 3, 32, 32, dtype=torch.float64)
+    exact = math.exp(lam)
+    for sampler, order in (("euler", 1), ("adams2", 2)):
+        errs = [abs(solve(model, n, sampler, noise)[0, 0, 0, 0].item() - exact) for n in (16, 32, 64)]
+        rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+        assert all(abs(r - order) < 0.25 for r in rates), (sampler, rates)
+
+
+def test_schedule_token_ranges():
+    K, N = 8, 256
+    # group i covers t_u in [(i - 1/2) / K, (i + 1/2) / K), the last group also the end of [0, 1)
+    for t_u in torch.linspace(0, 0.9999, 2001).tolist():
+        g = dar.group_index(t_u, K)
+        assert g == dar.group_index(torch.tensor([t_u]), K).item()
+        assert g == min(int(t_u * K + 0.5), K - 1)
+        lo, hi = max((g - 0.5) / K, 0.0), (g + 0.5) / K if g < K - 1 else 1.0
+        assert lo - 1e-9 <= t_u < hi + 1e-9
+    assert [dar.group_index(t, K) for t in (0.0, 0.0624, 0.0626, 0.5, 0.9374, 0.99)] == [0, 0, 1, 4, 7, 7]
+    # sampling: K steps use groups 0..K-1 once each; 2K steps use each group twice (round half up)
+    assert dar.sampling_schedule(8, K, 2.0)[1] == list(range(8))
+    assert dar.sampling_schedule(16, K, 2.0)[1] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 7]
+    times = dar.sampling_schedule(8, K, 2.0)[0]
+    assert times[0] == 0 and times[-1] == 1 and torch.all(times[1:] > times[:-1])
+    assert abs(times[4].item() - 1 / 3) < 1e-7  # shift(1/2) = .5 / (.5 + 2 * .5)
+
+
+def test_training_forward_conditions_on_the_right_tokens():
+    model = tiny_tokenizer()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    t_u = torch.tensor([0.0, 0.3, 0.6, 0.99])
+    out = model(images, t=t_u)
+    with torch.no_grad():
+        cond = model.cond_tokens(out["codes"])
+    G = model.cfg.group_size
+    for b, g in enumerate(out["group"].tolist()):
+        assert g == dar.group_index(t_u[b].item(), model.cfg.num_groups)
+        assert torch.allclose(out["cond"][b], cond[b, g * G:(g + 1) * G], atol=1e-6)
+
+
+def test_vq_loss_mask_counts_tokens_up_to_the_group():
+    z = torch.randn(2, 8, 4)
+    z_q = torch.randn(2, 8, 4)
+    mask = torch.arange(8)[None] <= torch.tensor([[1], [5]])
+    vq, commit = dar.VectorQuantizer.losses(z_q, z, mask)
+    per_token = (z_q - z).pow(2).mean(-1)
+    expected = (per_token[0, :2].sum() + per_token[1, :6].sum()) / 8
+    assert torch.allclose(vq, expected) and torch.allclose(commit, 0.25 * expected)
+
+
+def test_straight_through_gradients_reach_the_encoder(tok, tio):
+    model = dar.Tokenizer.from_checkpoint(os.path.join(GOLDEN, "tokenizer_tiny.ckpt")).train()
+    out = model(tio["images"], t=tio["train_t_uniform"], noise=tio["train_noise"])
+    out["fm_loss"].backward()  # the diffusion loss alone: its only way to the encoder is straight-through
+    assert model.encoder.to_code.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.quantizer.codebook.weight.grad is None or model.quantizer.codebook.weight.grad.abs().sum() == 0
+    # and the forward value is the codebook entry itself
+    z_q, codes, z = model.quantizer(model.encoder(tio["images"]))
+    st = z + (z_q - z).detach()
+    assert torch.allclose(st, model.quantizer.lookup(codes), atol=1e-6)
+
+
+def test_decoding_resumes_from_a_preview_state(tok, tio):
+    full = list(tok.decode_steps(tio["codes"], tio["noise"]))
+    for k in (1, 2, 3):
+        resumed = list(tok.decode_steps(tio["codes"], state=full[k - 1]))
+        assert [s.step for s in resumed] == list(range(k + 1, 5))
+        assert torch.equal(resumed[-1].preview, full[-1].preview)
+
+
+def test_streaming_generation_equals_offline_decoding(tok, gpt):
+    """Tokens are decoded group by group while they are generated; the final image is bit for bit
+    the offline decode of the finished sequence with the same noise."""
+    labels = torch.tensor([2, 5])
+    noise = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    states = list(dar.generate_images(gpt, tok, labels, noise, cfg=(1.1, 4.0)))
+    tokens, last = states[-1]
+    assert [s.step for _, s in states] == [1, 2, 3, 4]
+    torch.manual_seed(1)
+    assert torch.equal(tokens, dar.generate(gpt, labels, 16, cfg=(1.1, 4.0)))
+    offline = list(tok.decode_steps(tokens, noise))
+    for (_, s), o in zip(states, offline):
+        assert torch.equal(s.preview, o.preview)
+
+
+def test_layout_prefix_is_kept(gpt):
+    prefix = torch.randint(0, 64, (1, 4)).repeat(3, 1)
+    tokens = dar.generate(gpt, torch.tensor([0, 4, 9]), 16, cfg=2.0, prefix=prefix)
+    assert torch.equal(tokens[:, :4], prefix)
+    assert tokens.shape == (3, 16)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and bad input
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model = tiny_tokenizer()
+    ema = tiny_tokenizer(seed=1)
+    path = tmp_path / "tok.pt"
+    dar.save_checkpoint(dar.model_checkpoint(model, ema, step=7), path)
+    loaded = dar.Tokenizer.from_checkpoint(path)              # EMA by default
+    assert loaded.cfg == ema.cfg
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    raw = dar.Tokenizer.from_checkpoint(path, use_ema=False)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(raw.encode(images), model.encode(images))
+
+    gpt = tiny_gpt()
+    dar.save_checkpoint(dar.model_checkpoint(gpt), tmp_path / "gpt.pt")
+    loaded = dar.GPT.from_checkpoint(tmp_path / "gpt.pt")
+    assert loaded.cfg == gpt.cfg
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, torch.tensor([1, 2])), gpt(tokens, torch.tensor([1, 2])))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(dar.CheckpointError, match="not found"):
+        dar.Tokenizer.from_checkpoint(tmp_path / "missing.pt")
+    data = open(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(dar.CheckpointError, match="truncated"):
+        dar.Tokenizer.from_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(dar.CheckpointError):
+        dar.GPT.from_checkpoint(tmp_path / "text.pt")
+    with pytest.raises(dar.CheckpointError, match="GPT checkpoint, expected a tokenizer"):
+        dar.Tokenizer.from_checkpoint(os.path.join(GOLDEN, "gpt_tiny.ckpt"))
+    with pytest.raises(dar.CheckpointError, match="tokenizer checkpoint, expected a GPT"):
+        dar.GPT.from_checkpoint(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"))
+    torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(dar.CheckpointError, match="not a D-AR checkpoint"):
+        dar.GPT.from_checkpoint(tmp_path / "other.pt")
+
+
+class Boom:
+    """Unpickling this would run a command: a checkpoint must never be able to."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_runs_no_code_from_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as f:
+        torch.save({"model": {}, "payload": Boom()}, f)
+    with pytest.raises(dar.CheckpointError, match="allow-list"):
+        dar.load_checkpoint("evil.pt")
+    assert not os.path.exists("pwned")
+
+
+def test_bad_inputs(gpt, tok):
+    with pytest.raises(ValueError, match="class labels"):
+        dar.generate(gpt, torch.tensor([11]))
+    with pytest.raises(ValueError, match="class labels"):
+        gpt(torch.zeros(1, 16, dtype=torch.long), torch.tensor([-1]))
+    with pytest.raises(ValueError, match="tokens must lie"):
+        gpt(torch.full((1, 16), 64), torch.tensor([0]))
+    with pytest.raises(ValueError, match="codes must lie"):
+        tok.decode(torch.full((1, 16), 99))
+    with pytest.raises(ValueError, match="shape"):
+        tok.encode(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="sampler"):
+        tok.decode(torch.zeros(1, 16, dtype=torch.long), sampler="heun")
+    with pytest.raises(ValueError, match="preset"):
+        dar.gpt_config("GPT-Z")
