@@ -456,3 +456,207 @@ def test_bad_inputs(gpt, tok):
         tok.decode(torch.zeros(1, 16, dtype=torch.long), sampler="heun")
     with pytest.raises(ValueError, match="preset"):
         dar.gpt_config("GPT-Z")
+
+
+# -----------------------------------------------------------------------------
+# Training scripts (tiny presets, a few steps, CPU)
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import train_ar  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of 8 small images: class 'a' dark squares, class 'b' bright stripes."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(8):
+            x = rng.integers(0, 60, (36, 40, 3)) if c == "a" else np.tile(rng.integers(150, 255, (1, 40, 3)), (36, 1, 1))
+            Image.fromarray(x.astype(np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+TINY = ["--workers", "0", "--log-every", "5", "--sample-every", "1000", "--ckpt-every", "1000"]
+
+
+def script(name, *args, env=None, **kw):
+    cmd = [sys.executable, os.path.join(HERE, name), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def test_tokenizer_training_overfits_a_batch(image_folder, tmp_path):
+    out = tmp_path / "tok"
+    train_tokenizer.main(["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out),
+                          "--global-batch", "16", "--max-steps", "40", "--lr", "3e-3", *TINY])
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    # the checkpoint is ours, resumable, and loads for inference with the EMA weights
+    ckpt = dar.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["kind"] == "dar.tokenizer" and ckpt["step"] == 40 and "optimizer" in ckpt and "rng" in ckpt
+    tok = dar.Tokenizer.from_checkpoint(out / "ckpt.pt")
+    assert os.path.exists(out / "samples" / "recon_0000040.png") and os.path.exists(out / "samples" / "preview_0000040.png")
+    assert tok.decode(tok.encode(torch.zeros(1, 3, 32, 32))).shape == (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_ckpt(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokrun")
+    train_tokenizer.main(["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out),
+                          "--global-batch", "16", "--max-steps", "10", "--lr", "3e-3", *TINY])
+    return out / "ckpt.pt"
+
+
+def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_ckpt, tmp_path):
+    out, codes_dir = tmp_path / "ar", tmp_path / "codes"
+    argv = ["--preset", "GPT-tiny", "--tokenizer", str(tiny_tokenizer_ckpt), "--data", str(image_folder),
+            "--out", str(out), "--codes-dir", str(codes_dir), "--global-batch", "16", "--lr", "1e-2", *TINY]
+    train_ar.main(argv + ["--max-steps", "40"])
+    losses = [m["loss"] for m in metrics(out)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    # the codes of the ten crops of each image were extracted once ...
+    (npy,) = [f for f in os.listdir(codes_dir) if f.endswith(".npy")]
+    codes = np.load(codes_dir / npy)
+    assert codes.shape == (16, 10, 16) and codes.dtype == np.int16
+    tok = dar.Tokenizer.from_checkpoint(tiny_tokenizer_ckpt)
+    img = dar.ImageDataset.folder(str(image_folder)).image(3)
+    views = torch.stack([dar.to_tensor(v) for v in train_ar.views(img, 32, True)])
+    assert torch.equal(tok.encode(views), torch.from_numpy(codes[3].astype(np.int64)))
+    # ... and are reused by the next run
+    mtime = os.path.getmtime(codes_dir / npy)
+    train_ar.main(argv + ["--max-steps", "41", "--out", str(tmp_path / "ar2")])
+    assert os.path.getmtime(codes_dir / npy) == mtime
+    gpt = dar.GPT.from_checkpoint(out / "ckpt.pt")
+    assert (gpt.cfg.vocab_size, gpt.cfg.block_size, gpt.cfg.num_classes) == (64, 16, 2)
+
+
+def test_ar_training_online_encoding(image_folder, tiny_tokenizer_ckpt, tmp_path):
+    train_ar.main(["--preset", "GPT-tiny", "--tokenizer", str(tiny_tokenizer_ckpt), "--data", str(image_folder),
+                   "--out", str(tmp_path), "--online-encode", "--global-batch", "8", "--max-steps", "3", *TINY])
+    assert len(metrics(tmp_path)) == 3
+
+
+def test_two_processes_equal_one(image_folder, tmp_path):
+    """torchrun with 2 gloo processes x micro-batch 4 = 1 process x 2 accumulated micro-batches of 4."""
+    common = ["--preset", "tokenizer_tiny", "--data", image_folder, "--global-batch", "8", "--micro-batch", "4",
+              "--max-steps", "3", *TINY]
+    one = script("train_tokenizer.py", *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train_tokenizer.py"), *map(str, common), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in open(tmp_path / "two" / "log.txt").read()
+    assert "1 process(es) x micro-batch 4 x 2 accumulation" in open(tmp_path / "one" / "log.txt").read()
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
+    wa = dar.load_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
+    wb = dar.load_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("name,preset", [("train_tokenizer.py", "tokenizer_tiny"), ("train_ar.py", "GPT-tiny")])
+def test_kill_and_resume_reproduces_the_run(image_folder, tiny_tokenizer_ckpt, tmp_path, name, preset):
+    args = ["--preset", preset, "--data", image_folder, "--global-batch", "4", "--max-steps", "12",
+            "--workers", "0", "--log-every", "3", "--ckpt-every", "2", "--sample-every", "1000"]
+    if name == "train_ar.py":
+        args += ["--tokenizer", tiny_tokenizer_ckpt, "--codes-dir", tmp_path / "codes"]
+    full = script(name, *args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    # kill -9 mid-run, once a checkpoint exists and a few more steps are done
+    cmd = [sys.executable, os.path.join(HERE, name), *map(str, args), "--out", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(tmp_path / "cut" / "metrics.jsonl") and len(metrics(tmp_path / "cut")) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics(tmp_path / "cut"))
+    assert 5 <= killed_at < 12, "the run finished before it could be killed"
+    resumed = script(name, *args, "--out", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in open(tmp_path / "cut" / "log.txt").read()
+    reference = {m["step"]: m for m in metrics(tmp_path / "full")}
+    cut = metrics(tmp_path / "cut")
+    assert cut[-1]["step"] == 12 and {m["step"] for m in cut} == set(range(1, 13))
+    for m in cut:  # every logged step, before and after the kill, matches the uninterrupted run
+        assert abs(m["loss"] - reference[m["step"]]["loss"]) <= 1e-6 * abs(m["loss"]), m["step"]
+        assert m["lr"] == reference[m["step"]]["lr"]
+    final_a = dar.load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    final_b = dar.load_checkpoint(tmp_path / "cut" / "ckpt.pt")
+    for k, v in final_a["model"].items():
+        assert torch.allclose(v, final_b["model"][k], atol=1e-6), k
+
+
+def test_training_bad_inputs(image_folder, tmp_path):
+    base = ["--preset", "tokenizer_tiny", "--out", str(tmp_path / "r"), "--max-steps", "2", *TINY]
+    with pytest.raises(SystemExit, match="no such directory"):
+        train_tokenizer.main(base + ["--data", str(tmp_path / "nowhere")])
+    os.makedirs(tmp_path / "empty" / "cls")
+    with pytest.raises(SystemExit, match="class folder 'cls' holds no images"):
+        train_tokenizer.main(base + ["--data", str(tmp_path / "empty")])
+    bad = tmp_path / "bad"
+    os.makedirs(bad / "x")
+    for i in range(8):
+        Image.new("RGB", (32, 32)).save(bad / "x" / f"{i}.png")
+    (bad / "x" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(SystemExit, match="cannot read image .*3.png"):
+        train_tokenizer.main(base + ["--data", str(bad), "--global-batch", "8"])
+    with pytest.raises(SystemExit, match="GPT checkpoint, expected a tokenizer"):
+        train_ar.main(["--preset", "GPT-tiny", "--tokenizer", os.path.join(GOLDEN, "gpt_tiny.ckpt"),
+                       "--data", str(image_folder), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="multiple of processes"):
+        train_tokenizer.main(base + ["--data", str(image_folder), "--global-batch", "8", "--micro-batch", "3"])
+
+
+@pytest.mark.skipif(not os.path.exists(dar.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_builtin():
+    ds = dar.build_dataset("fashion-mnist", train=False)
+    assert len(ds) == 10000 and len(ds.classes) == 10
+    img, label = ds[0]
+    assert img.size == (28, 28) and img.mode == "RGB" and 0 <= label < 10
+    x = dar.to_tensor(dar.center_crop(img, 32))  # padded, not blown up
+    assert x.shape == (3, 32, 32) and (x[:, :2] == -1).all()
+
+
+def test_lpips_and_repa_losses_run_offline(image_folder, tmp_path):
+    """Both extra tokenizer losses through their real code paths, with randomly initialised
+    backbones (the pretrained weights need the internet)."""
+    out = tmp_path / "r"
+    train_tokenizer.main(["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out),
+                          "--global-batch", "4", "--max-steps", "2", "--lpips-weight", "0.5", "--repa-weight", "0.5",
+                          "--loss-backbones", "random", *TINY])
+    m = metrics(out)[-1]
+    assert math.isfinite(m["lpips"]) and 0 < m["repa"] < 2
+    assert any(k.startswith("dit.repa.") for k in dar.load_checkpoint(out / "ckpt.pt")["model"])
+
+
+def test_missing_pretrained_backbones_name_the_flag(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(RuntimeError, match="--repa-weight 0"):
+        train_tokenizer.RepaTarget(random_init=False)
+    import torchvision
+    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    with pytest.raises(RuntimeError, match="--lpips-weight 0"):
+        train_tokenizer.build_lpips(random_init=False, device="cpu")

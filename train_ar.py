@@ -1,0 +1,249 @@
+"""
+Train the D-AR autoregressive model (stage 2): an unmodified Llama over the tokenizer's codes.
+
+    python train_ar.py --preset GPT-small --tokenizer runs/tokenizer_small/ckpt.pt   # Fashion-MNIST, CPU
+    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer D-AR-tokenizer_v1.pt \
+        --data /data/imagenet/train
+
+Cross-entropy on the N = 256 tokens given the class (dropped to the null class with p = 0.1, for
+classifier-free guidance). Paper settings (LlamaGen / RandAR recipe): AdamW 4e-4, betas (0.9,
+0.95), weight decay 0.05 on matrices and embeddings, batch 1024, 300 epochs with the learning
+rate decaying linearly to 1e-5 over the last 50, clip 1.0, bf16. Augmentation: centre crop at
+1.1x, then one of ten crops (four corners, centre, and their mirror images).
+
+The tokenizer (ours or the official D-AR-tokenizer_v1.pt) is frozen. Rather than encoding every
+image at every step, the codes of all ten crops of every image are extracted once (in parallel
+over the processes) into a compact int16 array under --codes-dir, reused by later epochs and
+later runs; each step then reads one of the ten views per image. --online-encode encodes on the
+fly instead (the official way: slower, but needs no disk).
+
+Run directory, checkpoints, resume and the training loop are those of train_tokenizer.py.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dar
+from train_tokenizer import (Augment, Run, add_common_args, batch_sizes, finish_args, make_optimizer, next_batch,
+                             restore, train)
+
+# -----------------------------------------------------------------------------
+# Codes: extracted once, one of ten views per sample
+
+
+def views(img, size, augment):
+    """The AR augmentation's candidate crops of one PIL image: centre crop at 1.1x then the ten
+    crops, or just the centre crop."""
+    if not augment:
+        return [dar.center_crop(img, size)]
+    big = dar.center_crop(img, int(size * 1.1))
+    return [dar.ten_crop(big, size, i) for i in range(10)]
+
+
+class ViewsOf(torch.utils.data.Dataset):
+    """Image i -> all its views as one tensor (V, 3, S, S), for the extraction."""
+
+    def __init__(self, dataset, indices, size, augment):
+        self.dataset, self.indices, self.size, self.augment = dataset, indices, size, augment
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        return i, torch.stack([dar.to_tensor(v) for v in views(self.dataset.image(i), self.size, self.augment)])
+
+
+def codes_cache_path(args, n_images, n_views):
+    """Codes depend on the tokenizer weights, the data, the image size and the views."""
+    st = os.stat(args.tokenizer)
+    key = json.dumps([os.path.abspath(args.tokenizer), st.st_size, st.st_mtime_ns,
+                      os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
+                      args.image_size, n_images, n_views])
+    return os.path.join(args.codes_dir, f"codes_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+
+
+@torch.no_grad()
+def extract_codes(run, args, tok, dataset):
+    """All views of all images through the tokenizer encoder -> (M, V, N) int16 .npy (memory-mapped).
+    Each process encodes its share and writes its rows; the file is complete once a marker exists."""
+    n_views = 10 if not args.no_augment else 1
+    path = codes_cache_path(args, len(dataset), n_views)
+    done = path + ".done"
+    if os.path.exists(done):
+        run.log(f"codes: reusing {path}")
+        return np.load(path, mmap_mode="r")
+    N, V = tok.cfg.num_tokens, tok.cfg.codebook_size
+    dtype = np.int16 if V <= 32768 else np.int32  # 2 bytes per token for codebooks up to 32768
+    if run.master:
+        os.makedirs(args.codes_dir, exist_ok=True)
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(dataset), n_views, N)).flush()
+    run.barrier()
+    out = np.load(path, mmap_mode="r+")
+    mine = list(range(run.rank, len(dataset), run.world))
+    loader = torch.utils.data.DataLoader(ViewsOf(dataset, mine, args.image_size, not args.no_augment),
+                                         batch_size=max(1, args.extract_batch // n_views),
+                                         num_workers=args.workers, pin_memory=run.cuda)
+    batches = iter(loader)
+    for _ in tqdm(range(len(loader)), desc="extracting codes", disable=not run.master, dynamic_ncols=True):
+        idx, x = next_batch(run, batches)
+        codes = tok.encode(x.flatten(0, 1).to(run.device))                  # (B * V, N)
+        out[idx.numpy()] = codes.view(len(idx), n_views, N).cpu().numpy().astype(dtype)
+    out.flush()
+    run.barrier()
+    if run.master:
+        open(done, "w").write(json.dumps(dict(tokenizer=args.tokenizer, data=args.data, shape=out.shape)))
+        run.log(f"codes: wrote {path} {out.shape}")
+    return np.load(path, mmap_mode="r")
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """(codes (N,), label): one of the stored views, chosen from (seed, epoch, index)."""
+
+    def __init__(self, codes, labels, seed):
+        self.codes, self.labels, self.seed, self.epoch = codes, labels, seed, 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        v = random.Random(hash((self.seed, self.epoch, i))).randrange(self.codes.shape[1])
+        return torch.from_numpy(self.codes[i, v].astype(np.int64)), self.labels[i]
+
+
+# -----------------------------------------------------------------------------
+
+class ARLoss:
+    """Cross-entropy of the N next-token predictions; labels dropped to the null class with p."""
+
+    def __init__(self, gpt_cfg, class_dropout, tok=None):
+        self.cfg, self.p, self.tok = gpt_cfg, class_dropout, tok
+
+    def __call__(self, model, x, labels):
+        codes = self.tok.encode(x) if self.tok is not None else x               # (B, N)
+        drop = torch.rand(labels.shape, device=labels.device) < self.p
+        labels = torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
+        logits = model(codes, labels)                                             # (B, N, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+        return loss, dict(loss=loss.item())
+
+
+@torch.no_grad()
+def save_samples(gpt, tok, classes, path, cfg, per_class=4, seed=0):
+    """One row per class (up to 10 classes), per_class samples each, from a fixed seed."""
+    gpt.eval()
+    torch.manual_seed(seed)
+    device = next(gpt.parameters()).device
+    labels = torch.arange(min(10, classes), device=device).repeat_interleave(per_class)
+    tokens = dar.generate(gpt, labels, tok.cfg.num_tokens, cfg=cfg)
+    dar.save_grid(tok.decode(tokens), path, nrow=per_class)
+    gpt.train()
+
+
+RUN_DEFAULTS = {
+    **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
+               ema_decay=0.0, cfg="1.1,8.0") for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
+    "GPT-small": dict(data="fashion-mnist", global_batch=64, epochs=3, max_steps=1200, lr=1e-3,
+                      weight_decay=0.05, decay_epochs=0.5, ema_decay=0.99, cfg="1.5",
+                      log_every=50, ckpt_every=200, sample_every=400),
+    "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,
+                     ema_decay=0.9, cfg="1.0"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS))
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (ours or the official one)")
+    add_common_args(p)
+    p.add_argument("--class-dropout", type=float, default=0.1, help="p of the null class (for CFG)")
+    p.add_argument("--decay-epochs", type=float, help="linear decay to 1e-5 over the last epochs (50 of 300)")
+    p.add_argument("--cfg", help="guidance for the sample grids: 'start,end' or one number")
+    p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
+                   "of pre-extracting the codes")
+    p.add_argument("--codes-dir", help="where extracted codes are cached (default: runs/codes)")
+    p.add_argument("--extract-batch", type=int, default=64, help="images per forward during extraction")
+    args = p.parse_args(argv)
+    args = finish_args(args, RUN_DEFAULTS[args.preset])
+    args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
+    return args
+
+
+def parse_cfg(s):
+    vals = [float(v) for v in str(s).split(",")]
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args)
+    if args.data is None:
+        run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
+    try:
+        tok = dar.Tokenizer.from_checkpoint(args.tokenizer).to(run.device).requires_grad_(False)
+        dataset = dar.build_dataset(args.data)
+    except (OSError, ValueError, RuntimeError) as e:
+        run.fail(str(e))
+    if args.image_size and args.image_size != tok.cfg.image_size:
+        run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
+    args.image_size = args.image_size or tok.cfg.image_size
+    cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
+                         num_classes=len(dataset.classes))
+
+    if args.online_encode:
+        def crop(img, rng):
+            return rng.choice(views(img, args.image_size, not args.no_augment))
+        dataset.transform = augment = Augment(crop, args.seed)
+        loss_fn = ARLoss(cfg, args.class_dropout, tok)
+    else:
+        codes = extract_codes(run, args, tok, dataset)
+        dataset = augment = CodeDataset(codes, dataset.labels, args.seed)
+        loss_fn = ARLoss(cfg, args.class_dropout)
+
+    torch.manual_seed(args.seed)
+    model = dar.GPT(cfg).to(run.device)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = dar.GPT(cfg).to(run.device).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    if ema is not None:
+        ema.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, args, run.cuda)
+    ckpt = run.resume_checkpoint(args, "dar.gpt")
+    start = restore(ckpt, model, ema, optimizer) if ckpt else 0
+    micro, accum = batch_sizes(args, run)
+    steps_per_epoch = len(dataset) // args.global_batch
+    total = args.max_steps or args.epochs * steps_per_epoch
+    decay_start = max(0, total - round(args.decay_epochs * steps_per_epoch))
+
+    def lr_at(step):  # constant, then linear to 1e-5 over the last decay_epochs
+        if step < decay_start:
+            return args.lr
+        p = (step - decay_start) / max(total - decay_start, 1)
+        return args.lr * (1 - p) + 1e-5 * p
+
+    run.log(f"GPT {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
+            f"vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes | {len(dataset)} images | "
+            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
+            f"{total} steps | device {run.device}")
+
+    def on_sample(step):
+        save_samples(ema or model, tok, cfg.num_classes, os.path.join(run.out, "samples", f"ar_{step:07d}.png"),
+                     parse_cfg(args.cfg), seed=args.seed)
+
+    model.train()
+    train(run, args, model, ema, optimizer, dataset, augment, loss_fn, lr_at, total, start,
+          units=("tok", cfg.block_size), on_sample=on_sample)
+    run.log(f"done: {run.ckpt_path}")
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
