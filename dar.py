@@ -625,15 +625,13 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class KVCache(nn.Module):
-    """Static cache (B, H, L, hd) for keys and values: fixed shapes, so a decode step can be
-    compiled once and replayed as a CUDA graph."""
+class KVCache:
+    """Static cache (B, H, L, hd) for keys and values: fixed shapes and addresses, so that a
+    decode step can be compiled once and replayed as a CUDA graph."""
 
     def __init__(self, batch, n_head, length, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch, n_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(batch, n_head, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
     def update(self, pos, k, v):
         # pos (T,), k, v (B, H, T, hd) -> the whole cache (B, H, L, hd)
@@ -649,17 +647,16 @@ class LlamaAttention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
-        self.cache: Optional[KVCache] = None
 
-    def forward(self, x, rope, pos=None, mask=None):
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, D = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, rope), apply_rope(k, rope)            # (B, H, T, hd)
-        if self.cache is not None:  # inference: attend to everything cached so far
-            k, v = self.cache.update(pos, k, v)                    # (B, H, L, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:                        # training / teacher forcing: plain causal attention
+        if cache is None:            # training / teacher forcing: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                        # inference: attend to everything cached so far
+            k, v = cache.update(pos, k, v)                         # (B, H, L, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -687,8 +684,8 @@ class LlamaBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, rope, pos=None, mask=None):
-        h = x + self.attn(self.attn_norm(x), rope, pos, mask)
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
+        h = x + self.attn(self.attn_norm(x), rope, cache, pos, mask)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -708,6 +705,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
+        self.caches = None  # KV caches of generation, one per layer (setup_cache)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -749,29 +747,29 @@ class GPT(nn.Module):
     # --- inference with the KV cache -------------------------------------------
 
     def setup_cache(self, batch, length, dtype=None, device=None):
-        """Allocate static KV caches for `batch` rows and `length` positions."""
+        """Static KV caches for `batch` rows and `length` positions, kept for the next call of the
+        same shape (stale entries are never read: position p only sees slots 0..p)."""
         p = self.output.weight
-        for layer in self.layers:
-            layer.attn.cache = KVCache(batch, self.cfg.n_head, length, self.cfg.head_dim,
-                                       dtype or p.dtype, device or p.device)
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attn.cache = None
+        dtype, device = dtype or p.dtype, device or p.device
+        k = self.caches[0].k if self.caches else None
+        if k is None or k.shape[0] != batch or k.shape[2] != length or k.dtype != dtype or k.device != device:
+            self.caches = [KVCache(batch, self.cfg.n_head, length, self.cfg.head_dim, dtype, device)
+                           for _ in self.layers]
 
     def forward_cached(self, h, pos):
         """h (B, T, D) input embeddings at positions pos (T,) -> logits (B, T, V), reading and
-        filling the KV cache. Position p attends to cache slots 0..p."""
-        L = self.layers[0].attn.cache.k.shape[2]
+        filling the KV caches. Position p attends to cache slots 0..p."""
+        L = self.caches[0].k.shape[2]
         mask = torch.arange(L, device=h.device)[None, :] <= pos[:, None]     # (T, L)
         rope = rope_1d(pos, self.cfg.head_dim, self.cfg.rope_base)
-        for layer in self.layers:
-            h = layer(h, rope, pos, mask)
+        for layer, cache in zip(self.layers, self.caches):
+            h = layer(h, rope, cache, pos, mask)
         return self.output(self.norm(h)).float()
 
     @classmethod
     def from_checkpoint(cls, path, use_ema=True, map_location="cpu", block_size=None):
-        """Load our checkpoints or the official ones; the size is read off the weights."""
+        """Load our checkpoints or the official ones (their size is read off the weights; their
+        sequence length, which they do not store, is block_size or 256)."""
         return load_gpt(path, use_ema, map_location, block_size)
 
 
@@ -841,20 +839,17 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
     guided = any(s != 1.0 for s in scales)
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
     gpt.setup_cache(len(rows), N + 1)
-    try:
-        P = prefix.shape[1]
-        logits = prefill(gpt, rows, torch.cat([prefix, prefix]) if guided else prefix)
-        for i in range(P):
-            yield prefix[:, i]
-        for i in range(P, N):
-            next_logits = guided_logits(logits, scales[i]) if guided else logits
-            token = sample_logits(next_logits, temperature, top_k, top_p)
-            yield token
-            if i + 1 < N:
-                pos = torch.tensor([i + 1], device=device)
-                logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, pos)
-    finally:
-        gpt.clear_cache()
+    P = prefix.shape[1]
+    logits = prefill(gpt, rows, torch.cat([prefix, prefix]) if guided else prefix)
+    for i in range(P):
+        yield prefix[:, i]
+    for i in range(P, N):
+        next_logits = guided_logits(logits, scales[i]) if guided else logits
+        token = sample_logits(next_logits, temperature, top_k, top_p)
+        yield token
+        if i + 1 < N:
+            pos = torch.tensor([i + 1], device=device)
+            logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, pos)
 
 
 def generate(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None):
@@ -1104,11 +1099,10 @@ def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
     kind = _checkpoint_kind(ckpt)
     if kind == "dar.gpt":
         cfg = _config_from_dict(GPTConfig, ckpt["config"])
-        if block_size:
-            cfg.block_size = block_size
         sd = _strip_prefixes(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
     elif kind == "official.gpt":
-        # the official sampler uses 'model'; the sequence length is not stored: default N = 256
+        # the official sampler uses 'model'; the sequence length is not stored: block_size (the
+        # tokenizer's N) or 256
         sd = convert_official_gpt(ckpt.get("model", ckpt))
         cfg = gpt_config_from_weights(sd, block_size or 256)
     else:

@@ -185,7 +185,7 @@ class InceptionNet:
 
     @torch.no_grad()
     def features(self, images):
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        x = torch.tensor(images, device=self.device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         if not self.scripted:  # torch-fidelity takes uint8 and resizes to 299 itself
             pool, logits = self.net(x)
             return dict(pool=pool.cpu().numpy(), logits=logits.cpu().numpy())

@@ -138,12 +138,9 @@ def kv_logits(gpt, labels, tokens):
     """Logits of every position computed one token at a time through the KV cache."""
     B, N = tokens.shape
     gpt.setup_cache(B, N + 1)
-    try:
-        out = [dar.prefill(gpt, labels, tokens[:, :0])]
-        for i in range(N - 1):
-            out.append(dar.decode_one_token(gpt, tokens[:, i], torch.tensor([i + 1])))
-    finally:
-        gpt.clear_cache()
+    out = [dar.prefill(gpt, labels, tokens[:, :0])]
+    for i in range(N - 1):
+        out.append(dar.decode_one_token(gpt, tokens[:, i], torch.tensor([i + 1])))
     return torch.stack(out, 1)
 
 
@@ -660,3 +657,57 @@ def test_missing_pretrained_backbones_name_the_flag(monkeypatch):
     monkeypatch.setattr(torchvision.models, "vgg16", offline)
     with pytest.raises(RuntimeError, match="--lpips-weight 0"):
         train_tokenizer.build_lpips(random_init=False, device="cpu")
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+import sample as sample_script  # noqa: E402
+
+OFFICIAL = ["--tokenizer", os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), "--gpt", os.path.join(GOLDEN, "gpt_tiny.ckpt")]
+
+
+def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio):
+    sample_script.main(OFFICIAL + ["--class", "1", "2", "--num-per-class", "2", "--cfg", "1.1,4",
+                                   "--preview", "--grid", str(tmp_path / "p.png")])
+    # 4 rows (samples) x 4 columns (after each of the 4 groups, the last being the image), 64 px + 2 px gaps
+    assert Image.open(tmp_path / "p.png").size == (4 * 66 + 2, 4 * 66 + 2)
+    Image.fromarray(dar.to_uint8(tio["images"][:1])[0]).save(tmp_path / "ref.png")
+    sample_script.main(OFFICIAL + ["--class", "0", "5", "--num-per-class", "1", "--layout", str(tmp_path / "ref.png"),
+                                   "--prefix-tokens", "8", "--grid", str(tmp_path / "l.png")])
+    assert Image.open(tmp_path / "l.png").size == (2 * 66 + 2, 2 * 66 + 2)
+
+
+def test_bulk_sampling_npz_and_resume(tmp_path):
+    out = tmp_path / "s"
+    argv = OFFICIAL + ["--out", str(out), "--num-samples", "10", "--batch-size", "4", "--cfg", "1.5", "--seed", "3"]
+    sample_script.main(argv)
+    data = np.load(str(out) + ".npz")
+    assert data["arr_0"].shape == (10, 64, 64, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].tolist() == [i % 10 for i in range(10)]  # class-balanced labels
+    first = {i: np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(10)}
+    kept = os.path.getmtime(out / "000000.png")
+    os.remove(out / "000005.png")  # an interrupted run: batch 4..7 is redone, the others are not
+    sample_script.main(argv)
+    assert os.path.getmtime(out / "000000.png") == kept
+    for i in range(10):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), first[i])
+    assert np.array_equal(np.load(str(out) + ".npz")["arr_0"], data["arr_0"])
+
+
+def test_sample_bad_inputs(tmp_path):
+    with pytest.raises(SystemExit, match="outside this model's classes 0..9"):
+        sample_script.main(OFFICIAL + ["--class", "10"])
+    with pytest.raises(SystemExit, match="not found"):
+        sample_script.main(["--tokenizer", str(tmp_path / "no.pt"), "--gpt", OFFICIAL[3]])
+    other = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=32, block_size=16, num_classes=10))
+    dar.save_checkpoint(dar.model_checkpoint(other), tmp_path / "g32.pt")
+    with pytest.raises(SystemExit, match="do not belong together"):
+        sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(tmp_path / "g32.pt")])
+    other = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=64, block_size=32, num_classes=10))
+    dar.save_checkpoint(dar.model_checkpoint(other), tmp_path / "g_len.pt")
+    with pytest.raises(SystemExit, match="writes 32 tokens"):
+        sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(tmp_path / "g_len.pt")])
+    with pytest.raises(SystemExit, match="cannot read image"):
+        (tmp_path / "bad.png").write_bytes(b"nope")
+        sample_script.main(OFFICIAL + ["--layout", str(tmp_path / "bad.png"), "--prefix-tokens", "4"])

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -193,30 +194,42 @@ def test_class_balanced_labels():
 
 
 class RandomInception(nn.Module):
-    """float (B, 3, 299, 299) in [-1, 1) -> features (B, 16), optionally with logits (B, 10).
-    It checks that it is fed what the FID Inception expects."""
+    """float (B, 3, 299, 299) in [-1, 1) -> features (B, 16). It checks that it is fed what the FID
+    Inception expects."""
 
-    def __init__(self, logits: bool = False):
+    def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 13, stride=13)
         self.fc = nn.Linear(16, 10)
-        self.logits = logits
 
-    def forward(self, x):
+    def pool(self, x):
         assert x.shape[1:] == (3, 299, 299), "the FID Inception takes 299 x 299"
         assert bool(x.min() >= -1.0) and bool(x.max() <= 127 / 128), "the FID Inception takes [-1, 1)"
-        h = torch.tanh(self.conv(x * 3)).mean((2, 3))
-        if self.logits:
-            return h, self.fc(h) * 5
-        return h
+        return torch.tanh(self.conv(x * 3)).mean((2, 3))
+
+    def forward(self, x):
+        return self.pool(x)
+
+
+class RandomInceptionWithLogits(RandomInception):
+    """... -> (features (B, 16), logits (B, 10)): a network that also gives IS."""
+
+    def forward(self, x):
+        h = self.pool(x)
+        return h, self.fc(h) * 5
+
+
+def save_scripted(module, path):
+    with warnings.catch_warnings():  # torch.jit is deprecated, but it is what FID networks ship as
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(module), path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def random_net(tmp_path_factory):
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("net") / "random_inception.pt")
-    torch.jit.save(torch.jit.script(RandomInception()), path)
-    return path
+    return save_scripted(RandomInception(), str(tmp_path_factory.mktemp("net") / "random_inception.pt"))
 
 
 def smooth_images(n, size, seed):
@@ -250,7 +263,7 @@ def test_script_on_npz_and_folder_with_cached_reference(tmp_path, random_net, ca
 
     m_noise = eval_fid.main([noise, *common])
     assert 0 <= m_near["fid"] < m_noise["fid"]
-    assert m_near["precision"] > m_noise["precision"]
+    assert m_near["recall"] > m_noise["recall"]
 
 
 def test_adm_reference_batch_statistics_are_used(tmp_path, random_net):
@@ -272,8 +285,7 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, random_net):
 
 def test_inception_score_from_a_network_with_logits(tmp_path):
     torch.manual_seed(0)
-    net = str(tmp_path / "with_logits.pt")
-    torch.jit.save(torch.jit.script(RandomInception(logits=True)), net)
+    net = save_scripted(RandomInceptionWithLogits(), str(tmp_path / "with_logits.pt"))
     np.savez(tmp_path / "s.npz", arr_0=smooth_images(12, 16, seed=5))
     m = eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception", net, "--device", "cpu"])
     assert 1.0 < m["inception_score"] <= 10.0

@@ -1,0 +1,203 @@
+"""
+Sample images with D-AR: the Llama writes tokens, and every finished group of tokens is decoded
+into one more step of pixel diffusion as it arrives (streaming).
+
+    python sample.py --class 207                         # latest checkpoints under runs/ -> sample.png
+    python sample.py --class 207 360 --num-per-class 4 --cfg 1.1,8.0 --seed 1
+    python sample.py --class 3 --preview                 # one row per sample: jump estimate after each group
+    python sample.py --class 1 5 9 --layout ref.png --prefix-tokens 16   # zero-shot layout control
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207 --cfg 1.1,8.0
+    torchrun --nproc_per_node=8 sample.py --tokenizer ... --gpt ... --out samples/ --num-samples 50000
+
+--out DIR writes one PNG per sample (DIR/000123.png, class = index mod number of classes, so the
+labels are balanced) and DIR.npz in the ADM evaluator layout (arr_0: uint8 NHWC images, arr_1:
+labels). Work is cut into batches with seeds of their own, spread over the processes; a batch whose
+PNGs all exist is not redone, so an interrupted run picks up where it stopped.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import dar
+
+
+def latest(pattern):
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: newest runs/tokenizer*/ckpt.pt)")
+    p.add_argument("--gpt", help="GPT checkpoint (default: newest runs/GPT*/ckpt.pt)")
+    p.add_argument("--class", dest="classes", type=int, nargs="+", default=[0], help="class ids")
+    p.add_argument("--num-per-class", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", default="1.0", help="guidance: 'start,end' of a linear schedule over the "
+                   "tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2")
+    p.add_argument("--steps", type=int, help="decoder steps (default: one per group)")
+    p.add_argument("--preview", action="store_true", help="save the trajectory: jump estimate after each step")
+    p.add_argument("--layout", help="reference image whose first tokens are kept (layout control)")
+    p.add_argument("--prefix-tokens", type=int, default=0, help="how many tokens of --layout to keep")
+    p.add_argument("--grid", default="sample.png", help="output PNG of the grid modes")
+    p.add_argument("--out", help="directory for bulk sampling (one PNG per sample, plus DIR.npz)")
+    p.add_argument("--num-samples", type=int, default=50000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step as a CUDA graph (default: on with CUDA)")
+    return p.parse_args(argv)
+
+
+def parse_cfg(s):
+    vals = [float(v) for v in str(s).split(",")]
+    if len(vals) not in (1, 2) or min(vals) < 0:
+        raise ValueError(f"--cfg {s}: expected one scale or 'start,end'")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def load_models(args, device):
+    """Tokenizer and GPT, checked to belong together."""
+    tok_path = args.tokenizer or latest("runs/tokenizer*/ckpt.pt")
+    gpt_path = args.gpt or latest("runs/GPT*/ckpt.pt")
+    if not tok_path or not gpt_path:
+        raise dar.CheckpointError("no checkpoints given and none found under runs/: pass --tokenizer and --gpt")
+    tok = dar.Tokenizer.from_checkpoint(tok_path).to(device)
+    gpt = dar.GPT.from_checkpoint(gpt_path, block_size=tok.cfg.num_tokens).to(device)
+    if gpt.cfg.vocab_size != tok.cfg.codebook_size:
+        raise dar.CheckpointError(f"{gpt_path} predicts {gpt.cfg.vocab_size} codes but {tok_path} has a "
+                                  f"codebook of {tok.cfg.codebook_size}: they do not belong together")
+    if gpt.cfg.block_size != tok.cfg.num_tokens:
+        raise dar.CheckpointError(f"{gpt_path} writes {gpt.cfg.block_size} tokens but {tok_path} uses "
+                                  f"{tok.cfg.num_tokens}: they do not belong together")
+    return tok, gpt
+
+
+class Timer:
+    """Seconds spent in the pixel decoder (the rest of a streaming run is the AR model)."""
+
+    def __init__(self, tok, device):
+        self.seconds, self.cuda = 0.0, device.type == "cuda"
+        for name in ("decode_step", "cond_tokens"):
+            setattr(tok, name, self.timed(getattr(tok, name)))
+
+    def timed(self, fn):
+        def wrapper(*args, **kwargs):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t
+            return out
+        return wrapper
+
+
+def sample(tok, gpt, labels, args, noise=None, prefix=None, decode_fn=dar.decode_one_token):
+    """Streamed generation -> (tokens (B, N), list of previews (B, 3, H, W) after each step)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=labels.is_cuda and args.bf16)
+    previews = []
+    with autocast:
+        for tokens, state in dar.generate_images(gpt, tok, labels, noise, args.sampler, args.steps,
+                                                 cfg=parse_cfg(args.cfg), temperature=args.temperature,
+                                                 top_k=args.top_k, top_p=args.top_p, prefix=prefix,
+                                                 decode_fn=decode_fn):
+            previews.append(state.preview.float())
+    return tokens, previews
+
+
+def bulk(args, tok, gpt, device, decode_fn):
+    """--out DIR --num-samples N: class-balanced PNGs (resumable, sharded over processes) + DIR.npz."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    C, B = gpt.cfg.num_classes, args.batch_size
+    os.makedirs(args.out, exist_ok=True)
+    batches = [list(range(s, min(s + B, args.num_samples))) for s in range(0, args.num_samples, B)]
+    todo = [b for b in batches[rank::world] if not all(os.path.exists(png(args.out, i)) for i in b)]
+    if rank == 0:
+        print(f"{args.num_samples} samples in {len(batches)} batches; this process: {len(todo)} to do")
+    for b in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
+        torch.manual_seed(args.seed * 1_000_003 + b[0])  # a batch's draws depend only on the batch
+        labels = torch.tensor([i % C for i in b], device=device)
+        _, previews = sample(tok, gpt, labels, args, decode_fn=decode_fn)
+        for i, img in zip(b, dar.to_uint8(previews[-1])):
+            Image.fromarray(img).save(png(args.out, i))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        images = np.stack([np.asarray(Image.open(png(args.out, i)).convert("RGB"))
+                           for i in tqdm(range(args.num_samples), desc="building .npz", dynamic_ncols=True)])
+        labels = np.arange(args.num_samples) % C
+        path = args.out.rstrip("/") + ".npz"
+        np.savez(path, images, labels)  # arr_0, arr_1 as the ADM evaluator expects
+        print(f"wrote {path}: arr_0 {images.shape} {images.dtype}, arr_1 labels")
+
+
+def png(out, i):
+    return os.path.join(out, f"{i:06d}.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = dar.setup_distributed()
+    torch.set_grad_enabled(False)
+    try:
+        tok, gpt = load_models(args, device)
+        parse_cfg(args.cfg)
+        bad = [c for c in args.classes if not 0 <= c < gpt.cfg.num_classes]
+        if bad:
+            raise ValueError(f"--class {bad[0]} is outside this model's classes 0..{gpt.cfg.num_classes - 1}")
+        if args.layout and not 0 < args.prefix_tokens <= tok.cfg.num_tokens:
+            raise ValueError(f"--prefix-tokens must be in 1..{tok.cfg.num_tokens} with --layout")
+        ref = dar.to_tensor(dar.center_crop(dar.load_image(args.layout), tok.cfg.image_size)) if args.layout else None
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if device.type == "cuda" and args.bf16:
+        gpt = gpt.to(torch.bfloat16)  # halves the weights read at every token step
+    decode_fn = dar.decode_one_token
+    if args.compile or (args.compile is None and device.type == "cuda"):
+        decode_fn = torch.compile(dar.decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+    if args.out:
+        return bulk(args, tok, gpt, device, decode_fn)
+
+    torch.manual_seed(args.seed)
+    labels = torch.tensor(args.classes, device=device).repeat_interleave(args.num_per_class)
+    prefix = None
+    if ref is not None:
+        prefix = tok.encode(ref[None].to(device))[:, :args.prefix_tokens].expand(len(labels), -1)
+    timer = Timer(tok, device)
+    t0 = time.perf_counter()
+    tokens, previews = sample(tok, gpt, labels, args, prefix=prefix, decode_fn=decode_fn)
+    total = time.perf_counter() - t0
+    images = previews[-1]
+    n = len(labels)
+    print(f"{n} images in {total:.2f} s ({n / total:.2f} images/s): AR tokens {total - timer.seconds:.2f} s "
+          f"({n * tok.cfg.num_tokens / max(total - timer.seconds, 1e-9):.0f} tokens/s), "
+          f"pixel decoding {timer.seconds:.2f} s")
+
+    if args.preview:      # one row per sample: after group 1, 2, ..., final image last
+        grid, nrow = torch.stack(previews, 1).flatten(0, 1), len(previews)
+    elif ref is not None:  # one row per sample: the reference, then the result
+        grid, nrow = torch.stack([ref.to(device).expand_as(images), images], 1).flatten(0, 1), 2
+    else:                  # one row per class
+        grid, nrow = images, args.num_per_class
+    dar.save_grid(grid, args.grid, nrow=nrow)
+    print(f"saved {args.grid}")
+
+
+if __name__ == "__main__":
+    main()
