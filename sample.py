@@ -59,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step as a CUDA graph (default: on with CUDA)")
+    p.add_argument("--benchmark", action="store_true", help="time AR generation, pixel decoding and "
+                   "end-to-end sampling of --batch-size images with random weights, then exit")
+    p.add_argument("--tokenizer-preset", default="tokenizer_v1", help="--benchmark: tokenizer size")
+    p.add_argument("--gpt-preset", default="GPT-L", help="--benchmark: GPT size")
+    p.add_argument("--repeats", type=int, default=5, help="--benchmark: timed runs (median) after one warm-up")
     return p.parse_args(argv)
 
 
@@ -146,6 +151,48 @@ def bulk(args, tok, gpt, device, decode_fn):
         print(f"wrote {path}: arr_0 {images.shape} {images.dtype}, arr_1 labels")
 
 
+def benchmark(args, device, decode_fn):
+    """Median seconds of AR generation, pixel decoding and streamed end-to-end sampling of one batch."""
+    torch.manual_seed(0)
+    tok = dar.Tokenizer(dar.tokenizer_config(args.tokenizer_preset, repa_dim=0)).to(device).eval()
+    gpt = dar.GPT(dar.gpt_config(args.gpt_preset, vocab_size=tok.cfg.codebook_size,
+                                 block_size=tok.cfg.num_tokens)).to(device).eval()
+    if device.type == "cuda" and args.bf16:
+        gpt = gpt.to(torch.bfloat16)
+    B, N = args.batch_size, tok.cfg.num_tokens
+    labels = torch.randint(0, gpt.cfg.num_classes, (B,), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    cfg = parse_cfg(args.cfg)
+
+    def timed(fn):
+        fn()  # warm-up (and compilation)
+        times = []
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    codes = torch.randint(0, tok.cfg.codebook_size, (B, N), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_ar = timed(lambda: list(dar.generate_stream(gpt, labels, N, cfg=cfg, decode_fn=decode_fn)))
+    with autocast:
+        t_px = timed(lambda: tok.decode(codes))
+    t_e2e = timed(lambda: sample(tok, gpt, labels, args, decode_fn=decode_fn))
+    mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else "n/a"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"benchmark {args.gpt_preset} + {args.tokenizer_preset} | batch {B} | cfg {args.cfg} | {name} | "
+          f"compile {decode_fn is not dar.decode_one_token}\n"
+          f"  AR generation   {t_ar:8.3f} s  {B * N / t_ar:10.1f} tokens/s  {t_ar / N * 1e3:.2f} ms per token step\n"
+          f"  pixel decoding  {t_px:8.3f} s  {B / t_px:10.2f} images/s\n"
+          f"  end to end      {t_e2e:8.3f} s  {B / t_e2e:10.2f} images/s   (median of {args.repeats}; peak memory {mem})")
+
+
 def png(out, i):
     return os.path.join(out, f"{i:06d}.png")
 
@@ -154,6 +201,10 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup_distributed()
     torch.set_grad_enabled(False)
+    if args.benchmark:
+        compiled = args.compile or (args.compile is None and device.type == "cuda")
+        return benchmark(args, device, torch.compile(dar.decode_one_token, mode="reduce-overhead", fullgraph=True)
+                         if compiled else dar.decode_one_token)
     try:
         tok, gpt = load_models(args, device)
         parse_cfg(args.cfg)

@@ -711,3 +711,15 @@ def test_sample_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match="cannot read image"):
         (tmp_path / "bad.png").write_bytes(b"nope")
         sample_script.main(OFFICIAL + ["--layout", str(tmp_path / "bad.png"), "--prefix-tokens", "4"])
+
+
+def test_benchmark_entry_points(tmp_path, capsys):
+    train_tokenizer.main(["--preset", "tokenizer_tiny", "--benchmark", "--global-batch", "2", "--out", str(tmp_path)])
+    train_ar.main(["--preset", "GPT-tiny", "--benchmark", "--tokens", "16", "--vocab", "64", "--out", str(tmp_path)])
+    sample_script.main(["--benchmark", "--tokenizer-preset", "tokenizer_tiny", "--gpt-preset", "GPT-tiny",
+                        "--batch-size", "2", "--cfg", "1.1,8.0", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"benchmark tokenizer_tiny \| batch 2 .* img/s .* TFLOP/s .* peak memory", out)
+    assert re.search(r"benchmark GPT-tiny \| batch 2 .* tok/s", out)
+    for stage in ("AR generation", "pixel decoding", "end to end"):
+        assert re.search(stage + r" +[\d.]+ s", out), stage

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dar
-from train_tokenizer import (Augment, Run, add_common_args, batch_sizes, finish_args, make_optimizer, next_batch,
-                             restore, train)
+from train_tokenizer import (Augment, Run, add_common_args, batch_sizes, benchmark, finish_args, make_optimizer,
+                             next_batch, restore, train)
 
 # -----------------------------------------------------------------------------
 # Codes: extracted once, one of ten views per sample
@@ -162,7 +162,9 @@ RUN_DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS))
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (ours or the official one)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one)")
+    p.add_argument("--tokens", type=int, default=256, help="--benchmark only: sequence length")
+    p.add_argument("--vocab", type=int, default=16384, help="--benchmark only: codebook size")
     add_common_args(p)
     p.add_argument("--class-dropout", type=float, default=0.1, help="p of the null class (for CFG)")
     p.add_argument("--decay-epochs", type=float, help="linear decay to 1e-5 over the last epochs (50 of 300)")
@@ -185,6 +187,17 @@ def parse_cfg(s):
 def main(argv=None):
     args = parse_args(argv)
     run = Run(args)
+    if args.benchmark:  # synthetic codes: no tokenizer needed
+        cfg = dar.gpt_config(args.preset, vocab_size=args.vocab, block_size=args.tokens)
+        torch.manual_seed(0)
+        model = dar.GPT(cfg).to(run.device).train()
+        model.grad_checkpointing = args.grad_checkpointing
+        B = args.micro_batch or args.global_batch
+        return benchmark(run, args, model, ARLoss(cfg, args.class_dropout), make_optimizer(model, args, run.cuda),
+                         lambda: (torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=run.device),
+                                  torch.randint(0, cfg.num_classes, (B,), device=run.device)), "tok", cfg.block_size)
+    if not args.tokenizer:
+        run.fail("--tokenizer is required")
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
     try:

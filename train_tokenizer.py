@@ -265,6 +265,54 @@ def next_batch(run, batches):
         run.fail(str(e).strip().splitlines()[-1])
 
 
+def benchmark(run, args, model, loss_fn, optimizer, make_batch, unit, per_sample, steps=10, warmup=3):
+    """--benchmark: time whole optimizer steps (forward, backward, clip, AdamW) of the real model and
+    loss on synthetic data already on the device (no loader, no disk), after warm-up (and
+    compilation). Prints the median, throughput, FLOPs and peak memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda and args.bf16 else nullcontext()
+    x, y = make_batch()
+
+    def step():
+        with autocast:
+            loss, _ = loss_fn(net, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if run.cuda:
+            torch.cuda.synchronize()
+
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model
+        with autocast:
+            loss, _ = loss_fn(model, x, y)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        step()
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    flops = counter.get_total_flops()
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if run.cuda else peak_rss_gib()
+    device = torch.cuda.get_device_name() if run.cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"benchmark {args.preset} | batch {len(x)} | {device} | compile {args.compile} | "
+          f"median step {med * 1e3:.1f} ms over {steps} | {len(x) * per_sample / med:.1f} {unit}/s | "
+          f"{flops / med / 1e12:.3f} TFLOP/s ({flops / 1e9:.1f} GFLOP per step) | peak memory {mem:.2f} GiB")
+    return med
+
+
+def peak_rss_gib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def add_common_args(p):
     p.add_argument("--data", help="ImageFolder directory (root/<class>/<image>) or a built-in name: "
                    + ", ".join(dar.BUILTIN_DATASETS))
@@ -294,6 +342,8 @@ def add_common_args(p):
                    help="bf16 autocast on CUDA (CPU runs are fp32)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, ~30%% slower")
+    p.add_argument("--benchmark", action="store_true", help="time training steps on synthetic data "
+                   "(batch: --micro-batch, default --global-batch) and exit")
 
 
 COMMON_DEFAULTS = dict(log_every=50, ckpt_every=1000, sample_every=1000)
@@ -465,6 +515,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     run = Run(args)
+    if args.benchmark:
+        return run_benchmark(run, args)
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
     cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
@@ -517,6 +569,20 @@ def main(argv=None):
     run.log(f"done: {run.ckpt_path}")
     if run.world > 1:
         dist.destroy_process_group()
+
+
+def run_benchmark(run, args):
+    cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+    if args.repa_weight <= 0:
+        cfg.repa_dim = 0
+    args.loss_backbones = "random"  # same compute as the pretrained VGG / DINOv2, no download
+    torch.manual_seed(0)
+    model = dar.Tokenizer(cfg).to(run.device).train()
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    B, S = args.micro_batch or args.global_batch, cfg.image_size
+    benchmark(run, args, model, TokenizerLoss(args, run.device), make_optimizer(model, args, run.cuda),
+              lambda: (torch.rand(B, 3, S, S, device=run.device) * 2 - 1, torch.zeros(B, dtype=torch.long, device=run.device)),
+              "img", 1)
 
 
 def flip(img, rng):
