@@ -715,7 +715,8 @@ def test_sample_bad_inputs(tmp_path):
 
 def test_benchmark_entry_points(tmp_path, capsys):
     train_tokenizer.main(["--preset", "tokenizer_tiny", "--benchmark", "--global-batch", "2", "--out", str(tmp_path)])
-    train_ar.main(["--preset", "GPT-tiny", "--benchmark", "--tokens", "16", "--vocab", "64", "--out", str(tmp_path)])
+    train_ar.main(["--preset", "GPT-tiny", "--benchmark", "--global-batch", "2", "--tokens", "16", "--vocab", "64",
+                   "--out", str(tmp_path)])
     sample_script.main(["--benchmark", "--tokenizer-preset", "tokenizer_tiny", "--gpt-preset", "GPT-tiny",
                         "--batch-size", "2", "--cfg", "1.1,8.0", "--repeats", "1"])
     out = capsys.readouterr().out
