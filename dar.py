@@ -705,7 +705,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
-        self.caches = None  # KV caches of generation, one per layer (setup_cache)
+        self.caches = None  # KV caches of generation, one per layer, and their tables (setup_cache)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -755,13 +755,16 @@ class GPT(nn.Module):
         if k is None or k.shape[0] != batch or k.shape[2] != length or k.dtype != dtype or k.device != device:
             self.caches = [KVCache(batch, self.cfg.n_head, length, self.cfg.head_dim, dtype, device)
                            for _ in self.layers]
+            # per-position tables, looked up at each step: RoPE angles and the causal mask (L, L)
+            idx = torch.arange(length, device=device)
+            self.cache_rope = rope_1d(idx, self.cfg.head_dim, self.cfg.rope_base)
+            self.cache_mask = idx[None, :] <= idx[:, None]
 
     def forward_cached(self, h, pos):
         """h (B, T, D) input embeddings at positions pos (T,) -> logits (B, T, V), reading and
         filling the KV caches. Position p attends to cache slots 0..p."""
-        L = self.caches[0].k.shape[2]
-        mask = torch.arange(L, device=h.device)[None, :] <= pos[:, None]     # (T, L)
-        rope = rope_1d(pos, self.cfg.head_dim, self.cfg.rope_base)
+        mask = self.cache_mask[pos]                                            # (T, L)
+        rope = (self.cache_rope[0][pos], self.cache_rope[1][pos])
         for layer, cache in zip(self.layers, self.caches):
             h = layer(h, rope, cache, pos, mask)
         return self.output(self.norm(h)).float()

@@ -75,7 +75,7 @@ def codes_cache_path(args, n_images, n_views):
 def extract_codes(run, args, tok, dataset):
     """All views of all images through the tokenizer encoder -> (M, V, N) int16 .npy (memory-mapped).
     Each process encodes its share and writes its rows; the file is complete once a marker exists."""
-    n_views = 10 if not args.no_augment else 1
+    n_views = 10 if args.augment else 1
     path = codes_cache_path(args, len(dataset), n_views)
     done = path + ".done"
     if os.path.exists(done):
@@ -89,7 +89,7 @@ def extract_codes(run, args, tok, dataset):
     run.barrier()
     out = np.load(path, mmap_mode="r+")
     mine = list(range(run.rank, len(dataset), run.world))
-    loader = torch.utils.data.DataLoader(ViewsOf(dataset, mine, args.image_size, not args.no_augment),
+    loader = torch.utils.data.DataLoader(ViewsOf(dataset, mine, args.image_size, args.augment),
                                          batch_size=max(1, args.extract_batch // n_views),
                                          num_workers=args.workers, pin_memory=run.cuda)
     batches = iter(loader)
@@ -150,12 +150,12 @@ def save_samples(gpt, tok, classes, path, cfg, per_class=4, seed=0):
 
 RUN_DEFAULTS = {
     **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
-               ema_decay=0.0, cfg="1.1,8.0") for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
+               ema_decay=0.0, cfg="1.1,8.0", augment=True) for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
     "GPT-small": dict(data="fashion-mnist", global_batch=64, epochs=3, max_steps=1200, lr=1e-3,
-                      weight_decay=0.05, decay_epochs=0.5, ema_decay=0.99, cfg="1.5",
+                      weight_decay=0.05, decay_epochs=0.5, ema_decay=0.99, cfg="1.5", augment=False,
                       log_every=50, ckpt_every=200, sample_every=400),
     "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,
-                     ema_decay=0.9, cfg="1.0"),
+                     ema_decay=0.9, cfg="1.0", augment=True),
 }
 
 
@@ -213,7 +213,7 @@ def main(argv=None):
 
     if args.online_encode:
         def crop(img, rng):
-            return rng.choice(views(img, args.image_size, not args.no_augment))
+            return rng.choice(views(img, args.image_size, args.augment))
         dataset.transform = augment = Augment(crop, args.seed)
         loss_fn = ARLoss(cfg, args.class_dropout, tok)
     else:

@@ -328,7 +328,9 @@ def add_common_args(p):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, help="0 disables the EMA")
-    p.add_argument("--no-augment", action="store_true", help="centre crops only")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="the official augmentations (default: on, except for the GPT-small preset whose "
+                   "CPU budget affords one view per image); --no-augment: centre crops only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2)
     p.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
@@ -346,7 +348,7 @@ def add_common_args(p):
                    "(batch: --micro-batch, default --global-batch) and exit")
 
 
-COMMON_DEFAULTS = dict(log_every=50, ckpt_every=1000, sample_every=1000)
+COMMON_DEFAULTS = dict(log_every=50, ckpt_every=1000, sample_every=1000, augment=True)
 
 
 def finish_args(args, run_defaults):
@@ -525,7 +527,7 @@ def main(argv=None):
         cfg.repa_dim = 0  # no projector to train
 
     size = cfg.image_size
-    crop = (lambda img, rng: dar.center_crop(img, size)) if args.no_augment else \
+    crop = (lambda img, rng: dar.center_crop(img, size)) if not args.augment else \
         (lambda img, rng: flip(dar.random_crop(img, size, rng), rng))
     try:
         dataset = dar.build_dataset(args.data, Augment(crop, args.seed))
