@@ -131,8 +131,9 @@ def rope_1d(pos, head_dim, base):
 
 
 def apply_rope(x, rope):
-    """Rotate consecutive pairs (0,1), (2,3), ... of x (B, H, L, hd) by the angles of rope =
-    (cos, sin), each (L, hd/2). Done in float32 whatever the dtype of x."""
+    """Rotate consecutive pairs (0,1), (2,3), ... of x (..., hd) by the angles of rope = (cos, sin),
+    each broadcastable to (..., hd/2), e.g. (L, hd/2) for x (B, H, L, hd). Done in float32
+    whatever the dtype of x."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, hd/2) each
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -621,8 +622,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # the statistic in float32, also under bf16
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps) in float32 (also under bf16), then the learned gain
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class KVCache:
@@ -650,8 +651,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)            # (B, H, T, hd)
+        qkv = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        cos, sin = rope                                            # (T, hd/2): rotate q and k at once
+        q, k = apply_rope(qkv[:, :, :2], (cos[:, None, None], sin[:, None, None])).permute(2, 0, 3, 1, 4)
+        v = qkv[:, :, 2].transpose(1, 2)                           # q, k, v: (B, H, T, hd)
         if cache is None:            # training / teacher forcing: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:                        # inference: attend to everything cached so far
@@ -661,17 +664,18 @@ class LlamaAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x)."""
+    """w2(silu(w1 x) * w3 x), with w1 and w3 stacked into one Linear w13 (one GEMM; the official
+    checkpoints' w1, w3 are concatenated on load)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.ffn_dropout)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(a) * b))
 
 
 class LlamaBlock(nn.Module):
@@ -809,9 +813,9 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    # argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the exponential race), and
-    # unlike torch.multinomial it needs no device sync (gpt-fast)
-    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+    # argmax p_i / E_i with E_i = -log U_i ~ Exp(1) picks i with probability p_i (the exponential
+    # race), and unlike torch.multinomial it needs no device sync (gpt-fast)
+    return torch.argmax(probs / -torch.log(torch.rand_like(probs)), dim=-1)
 
 
 def prefill(gpt, labels, prefix):
@@ -1044,7 +1048,7 @@ def convert_official_tokenizer(sd):
 
 
 def convert_official_gpt(sd):
-    """Official GPT state dict -> ours (names only)."""
+    """Official GPT state dict -> ours: renames, and w1 / w3 stacked into w13."""
     renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
                ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
     out = {}
@@ -1054,6 +1058,8 @@ def convert_official_gpt(sd):
         for a, b in renames.items():
             k = k.replace(a, b)
         out[k] = v
+    for k in [k for k in out if k.endswith(".ffn.w1.weight")]:
+        out[k.replace(".w1.", ".w13.")] = torch.cat([out.pop(k), out.pop(k.replace(".w1.", ".w3."))])
     return out
 
 
@@ -1063,7 +1069,7 @@ def gpt_config_from_weights(sd, block_size=256):
     n_layer = sum(1 for k in sd if k.endswith(".attn.wqkv.weight"))
     return GPTConfig(dim=dim, n_layer=n_layer, n_head=dim // 64, vocab_size=vocab, block_size=block_size,
                      num_classes=sd["class_embed.weight"].shape[0] - 1,
-                     ffn_hidden=sd["layers.0.ffn.w1.weight"].shape[0])
+                     ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
 
 
 def _config_from_dict(cls, d):
@@ -1304,8 +1310,8 @@ def fashion_mnist(train=True, transform=None):
             ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
             x, y = ds.data.numpy(), ds.targets.numpy()
         except Exception as e:
-            raise RuntimeError(f"Fashion-MNIST is neither in {FASHION_MNIST_DIR} (Debian package "
-                               f"dataset-fashion-mnist) nor downloadable ({e})") from None
+            raise FileNotFoundError(f"Fashion-MNIST is neither in {FASHION_MNIST_DIR} (Debian package "
+                                    f"dataset-fashion-mnist) nor downloadable ({e})") from None
     classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
     return ImageDataset(arrays=x, labels=[int(v) for v in y], classes=classes, transform=transform)
 

@@ -151,7 +151,7 @@ def save_samples(gpt, tok, classes, path, cfg, per_class=4, seed=0):
 RUN_DEFAULTS = {
     **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
                ema_decay=0.0, cfg="1.1,8.0", augment=True) for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
-    "GPT-small": dict(data="fashion-mnist", global_batch=64, epochs=3, max_steps=1200, lr=1e-3,
+    "GPT-small": dict(data="fashion-mnist", global_batch=64, epochs=3, max_steps=1000, lr=1e-3,
                       weight_decay=0.05, decay_epochs=0.5, ema_decay=0.99, cfg="1.5", augment=False,
                       log_every=50, ckpt_every=200, sample_every=400),
     "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,

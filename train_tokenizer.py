@@ -493,7 +493,7 @@ def save_samples(model, images, path_recon, path_preview):
 RUN_DEFAULTS = {
     "tokenizer_v1": dict(data=None, global_batch=512, epochs=100, lr=2e-4, weight_decay=0.0, warmup=500,
                          ema_decay=0.999, lpips_weight=0.5, repa_weight=0.5),
-    "tokenizer_small": dict(data="fashion-mnist", global_batch=32, epochs=1, max_steps=1500, lr=1e-3,
+    "tokenizer_small": dict(data="fashion-mnist", global_batch=32, epochs=1, max_steps=1800, lr=1e-3,
                             weight_decay=0.0, warmup=100, ema_decay=0.99, lpips_weight=0.0, repa_weight=0.0,
                             log_every=50, ckpt_every=250, sample_every=500),
     "tokenizer_tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.0, warmup=2,
