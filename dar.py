@@ -1232,9 +1232,12 @@ def to_uint8(images):
 
 
 def save_grid(images, path, nrow=8):
-    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, nrow images per row, 2 px gaps."""
+    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, nrow images per row, 2 px gaps.
+    Images under 64 px are enlarged (nearest neighbour) to be seen."""
     from PIL import Image
     x = to_uint8(images)
+    scale = max(1, 64 // x.shape[2])
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
     B, H, W, _ = x.shape
     nrow = min(nrow, B)
     rows = -(-B // nrow)

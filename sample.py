@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step as a CUDA graph (default: on with CUDA)")
+                   help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
+                   "default: on with CUDA; on a CPU it pays off for bulk sampling")
     p.add_argument("--benchmark", action="store_true", help="time AR generation, pixel decoding and "
                    "end-to-end sampling of --batch-size images with random weights, then exit")
     p.add_argument("--tokenizer-preset", default="tokenizer_v1", help="--benchmark: tokenizer size")
@@ -151,10 +152,21 @@ def bulk(args, tok, gpt, device, decode_fn):
         print(f"wrote {path}: arr_0 {images.shape} {images.dtype}, arr_1 labels")
 
 
-def benchmark(args, device, decode_fn):
+def compile_models(args, device, tok):
+    """--compile (default with CUDA): the pixel DiT through torch.compile, and the AR decode step
+    as a CUDA graph (gpt-fast: static KV cache, mode="reduce-overhead"). Returns the decode step."""
+    if not (args.compile or (args.compile is None and device.type == "cuda")):
+        return dar.decode_one_token
+    tok.dit = torch.compile(tok.dit)
+    return torch.compile(dar.decode_one_token, mode="reduce-overhead" if device.type == "cuda" else "default",
+                         fullgraph=True)
+
+
+def benchmark(args, device):
     """Median seconds of AR generation, pixel decoding and streamed end-to-end sampling of one batch."""
     torch.manual_seed(0)
     tok = dar.Tokenizer(dar.tokenizer_config(args.tokenizer_preset, repa_dim=0)).to(device).eval()
+    decode_fn = compile_models(args, device, tok)
     gpt = dar.GPT(dar.gpt_config(args.gpt_preset, vocab_size=tok.cfg.codebook_size,
                                  block_size=tok.cfg.num_tokens)).to(device).eval()
     if device.type == "cuda" and args.bf16:
@@ -197,14 +209,12 @@ def png(out, i):
     return os.path.join(out, f"{i:06d}.png")
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup_distributed()
-    torch.set_grad_enabled(False)
     if args.benchmark:
-        compiled = args.compile or (args.compile is None and device.type == "cuda")
-        return benchmark(args, device, torch.compile(dar.decode_one_token, mode="reduce-overhead", fullgraph=True)
-                         if compiled else dar.decode_one_token)
+        return benchmark(args, device)
     try:
         tok, gpt = load_models(args, device)
         parse_cfg(args.cfg)
@@ -218,9 +228,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if device.type == "cuda" and args.bf16:
         gpt = gpt.to(torch.bfloat16)  # halves the weights read at every token step
-    decode_fn = dar.decode_one_token
-    if args.compile or (args.compile is None and device.type == "cuda"):
-        decode_fn = torch.compile(dar.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    decode_fn = compile_models(args, device, tok)
 
     if args.out:
         return bulk(args, tok, gpt, device, decode_fn)

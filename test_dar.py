@@ -8,7 +8,6 @@ then tiny end-to-end runs of the scripts. CPU, float32, fixed seeds, no network.
 
 import math
 import os
-import pickle
 import re
 
 import pytest
@@ -301,6 +300,9 @@ def test_schedule_token_ranges():
         assert g == min(int(t_u * K + 0.5), K - 1)
         lo, hi = max((g - 0.5) / K, 0.0), (g + 0.5) / K if g < K - 1 else 1.0
         assert lo - 1e-9 <= t_u < hi + 1e-9
+        # the token range, by the official formula: start = clamp(long(floor(t K + .5) / K * N), 0, N - N/K)
+        start = min(max(int(math.floor(t_u * K + 0.5) / K * N), 0), N - N // K)
+        assert (g * (N // K), (g + 1) * (N // K)) == (start, start + N // K)
     assert [dar.group_index(t, K) for t in (0.0, 0.0624, 0.0626, 0.5, 0.9374, 0.99)] == [0, 0, 1, 4, 7, 7]
     # sampling: K steps use groups 0..K-1 once each; 2K steps use each group twice (round half up)
     assert dar.sampling_schedule(8, K, 2.0)[1] == list(range(8))

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dar
-from train_tokenizer import (Augment, Run, add_common_args, batch_sizes, benchmark, finish_args, make_optimizer,
-                             next_batch, restore, train)
+from train_tokenizer import (Augment, Run, add_common_args, benchmark, finish_args, make_optimizer, next_batch,
+                             prepare, train)
 
 # -----------------------------------------------------------------------------
 # Codes: extracted once, one of ten views per sample
@@ -221,18 +221,11 @@ def main(argv=None):
         dataset = augment = CodeDataset(codes, dataset.labels, args.seed)
         loss_fn = ARLoss(cfg, args.class_dropout)
 
-    torch.manual_seed(args.seed)
-    model = dar.GPT(cfg).to(run.device)
+    model, ema, optimizer, start, total = prepare(
+        run, args, lambda: dar.GPT(cfg), "dar.gpt", len(dataset),
+        f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)")
     model.grad_checkpointing = args.grad_checkpointing
-    ema = dar.GPT(cfg).to(run.device).requires_grad_(False).eval() if args.ema_decay > 0 else None
-    if ema is not None:
-        ema.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(model, args, run.cuda)
-    ckpt = run.resume_checkpoint(args, "dar.gpt")
-    start = restore(ckpt, model, ema, optimizer) if ckpt else 0
-    micro, accum = batch_sizes(args, run)
     steps_per_epoch = len(dataset) // args.global_batch
-    total = args.max_steps or args.epochs * steps_per_epoch
     decay_start = max(0, total - round(args.decay_epochs * steps_per_epoch))
 
     def lr_at(step):  # constant, then linear to 1e-5 over the last decay_epochs
@@ -240,11 +233,6 @@ def main(argv=None):
             return args.lr
         p = (step - decay_start) / max(total - decay_start, 1)
         return args.lr * (1 - p) + 1e-5 * p
-
-    run.log(f"GPT {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
-            f"vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes | {len(dataset)} images | "
-            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
-            f"{total} steps | device {run.device}")
 
     def on_sample(step):
         save_samples(ema or model, tok, cfg.num_classes, os.path.join(run.out, "samples", f"ar_{step:07d}.png"),

@@ -370,6 +370,26 @@ def make_optimizer(model, args, cuda):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=cuda)
 
 
+def prepare(run, args, make_model, kind, n_images, name):
+    """The model (seeded), its EMA copy, AdamW, the step to resume from (0 for a new run) and the
+    number of steps of the run; logs what is about to be trained."""
+    torch.manual_seed(args.seed)
+    model = make_model().to(run.device)
+    ema = None
+    if args.ema_decay > 0:
+        ema = make_model().to(run.device).requires_grad_(False).eval()
+        ema.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, args, run.cuda)
+    ckpt = run.resume_checkpoint(args, kind)
+    start = restore(ckpt, model, ema, optimizer) if ckpt else 0
+    micro, accum = batch_sizes(args, run)
+    total = args.max_steps or args.epochs * (n_images // args.global_batch)
+    run.log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_images} images | "
+            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
+            f"{total} steps | device {run.device}")
+    return model, ema, optimizer, start, total
+
+
 def restore(ckpt, model, ema, optimizer):
     model.load_state_dict(ckpt["model"])
     if ema is not None:
@@ -535,22 +555,9 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
 
-    torch.manual_seed(args.seed)
-    model = dar.Tokenizer(cfg).to(run.device)
+    model, ema, optimizer, start, total = prepare(run, args, lambda: dar.Tokenizer(cfg), "dar.tokenizer",
+                                                  len(dataset), f"tokenizer {args.preset}")
     model.set_grad_checkpointing(args.grad_checkpointing)
-    ema = dar.Tokenizer(cfg).to(run.device).requires_grad_(False).eval() if args.ema_decay > 0 else None
-    if ema is not None:
-        ema.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(model, args, run.cuda)
-    ckpt = run.resume_checkpoint(args, "dar.tokenizer")
-    start = restore(ckpt, model, ema, optimizer) if ckpt else 0
-    micro, accum = batch_sizes(args, run)
-    steps_per_epoch = len(dataset) // args.global_batch
-    total = args.max_steps or args.epochs * steps_per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"tokenizer {args.preset}: {n_params / 1e6:.2f}M parameters | {len(dataset)} images | "
-            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
-            f"{total} steps | device {run.device}")
 
     try:  # a fixed set of images to reconstruct now and then
         fixed = torch.stack([dar.to_tensor(dar.center_crop(dataset.image(i), size))
