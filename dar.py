@@ -158,12 +158,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, rope=None, mask=None, causal=False):
+        # x (B, L, D) -> (B, L, D). mask (L, L) bool, True = may attend; causal: lower triangle.
         B, L, D = x.shape
         if self.cross:
             q = self.q(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)        # (B, H, L, hd)
             k, v = self.kv(context).view(B, -1, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        # QK-norm: normalising each head's queries and keys bounds the attention logits, which keeps
+        # training stable without a learning-rate warm-up of the attention
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q = apply_rope(q, rope)
@@ -237,6 +240,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         """z (B, N, d) encoder output -> (z_q, codes, z_n): quantised vectors (B, N, d), codes (B, N),
         and the normalised input z_n (B, N, d) that the losses compare z_q against."""
+        # On the unit sphere, nearest in L2 is nearest in angle: a tiny 8-d code space whose
+        # entries all stay in use better than in an unnormalised one (LlamaGen, ViT-VQGAN).
         z = F.normalize(z, dim=-1)
         e = self.entries()
         # ||z||^2 + ||e||^2 - 2 z.e, written out as the official code does so that near-ties
@@ -283,12 +288,20 @@ class Encoder(nn.Module):
     def forward(self, images):
         """images (B, 3, H, W) in [-1, 1] -> z (B, N, vq_dim), before normalisation."""
         N, B = self.cfg.num_tokens, images.shape[0]
+        # 1. patches: a 16x16 convolution with stride 16, normalised (no affine)
         x = self.patch_embed(images)                                   # (B, D, h, w)
         h, w = x.shape[-2:]
         P = h * w
         x = ln(x.flatten(2).transpose(1, 2))                           # (B, P, D)
+        # 2. N learnable queries, shared by all images; low rank (8-d then projected): the same
+        #    queries for every image, so they need few degrees of freedom
         queries = self.query_proj(self.query_embed.weight[:N])         # (N, D)
         x = torch.cat([x, queries.expand(B, -1, -1)], dim=1)           # (B, P + N, D)
+
+        # 3. one transformer over [patches ; queries]: 2D RoPE on patches, none on queries; the
+        #    mask lets query i read the whole image and queries < i, never later ones. There is no
+        #    order among the codes yet: it appears in training, because the diffusion decoder
+        #    uses them group by group (section 5)
 
         cos, sin = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         rope = (torch.cat([cos, cos.new_ones(N, cos.shape[1])]),      # identity rotation
@@ -297,6 +310,7 @@ class Encoder(nn.Module):
         mask = (i[None, :] < P) | (i[None, :] <= i[:, None])           # (P+N, P+N), True = may attend
 
         x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=rope, mask=mask)
+        # 4. the query outputs, normalised and projected to the 8-d code space
         return self.to_code(ln(x[:, P:]))                              # (B, N, vq_dim)
 
 
@@ -317,6 +331,9 @@ class TokenDecoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, z_q):
+        # z_q (B, N, vq_dim) -> z' (B, N, dec_dim). A code means little alone (8 dims, 16384
+        # values); causal attention lets z'_i read the codes before it, and the position
+        # embedding tells it which step it serves
         x = self.from_code(z_q) + self.pos_embed.weight[:z_q.shape[1]]  # (B, N, D)
         x = run_blocks(self.blocks, x, self.grad_checkpointing, causal=True)
         return ln(x)
@@ -360,7 +377,10 @@ class DiTBlock(nn.Module):
         t_emb = self.t_embed(timestep_embedding(t * 1000, x.shape[-1]))[:, None]  # (B, 1, D)
         c = ln(self.c_embed(cond))                                                # (B, G, D)
         h = ln(x)
+        # each patch asks the G condition tokens what to become: a spatial condition, unlike
+        # DiT's single class vector; 2D RoPE on the queries tells the tokens where the patch is
         sc = self.cross_attn(h, context=c, rope=rope)                             # (B, L, D)
+        # AdaLN-Zero with a per-patch (t + condition) vector: 6 modulations of width D per patch
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(F.silu(t_emb + sc)).chunk(6, dim=-1)
         x = x + gate_a * self.attn(modulate(h, shift_a, scale_a), rope=rope)
         return x + gate_m * self.mlp(modulate(ln(x), shift_m, scale_m))
@@ -393,6 +413,7 @@ class PixelDiT(nn.Module):
         p = self.cfg.dit_patch_size
         h, w = H // p, W // p
         cond = ln(self.cond_proj(cond))                                          # (B, G, D)
+        # patchify by rearrangement: (B, C, h p, w p) -> (B, h w, C p p), channel order (c, p1, p2)
         x = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         x = self.x_embed(x)                                                      # (B, L, D)
         rope = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
@@ -405,6 +426,7 @@ class PixelDiT(nn.Module):
             else:
                 x = block(x, t, cond, rope)
         x = self.out(ln(x))                                                      # (B, L, C p p)
+        # un-patchify: the inverse rearrangement
         v = x.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
         return v, feats
 
@@ -541,11 +563,14 @@ class Tokenizer(nn.Module):
         cond = z' (B, N, dec_dim) and moves to t_{i+1}. Only that group of cond is read, so cond may
         hold anything after it (streaming)."""
         cfg, i = self.cfg, state.step
+        # t_0 = 0 < t_1 < ... < t_steps = 1 on the shifted grid; group g(i) of z' drives step i
         times, groups = sampling_schedule(state.steps, cfg.num_groups, cfg.time_shift)
         times = times.to(state.x.device)
         g = groups[i] * cfg.group_size
         t = times[i].expand(state.x.shape[0])
         v, _ = self.dit(state.x, t, cond[:, g:g + cfg.group_size])
+        # the preview costs nothing: the same update, aimed at t = 1 (eq. 7); after the last step
+        # it is the image itself. Outputs leave the data_std units: * (1 / 0.6)
         x, jump = ode_update(state.x, v, state.v_prev, times[i], times[i + 1], times[-1], state.sampler)
         return DecodeState(x, state.steps, state.sampler, i + 1, v, jump * (1.0 / cfg.data_std))
 
@@ -739,6 +764,8 @@ class GPT(nn.Module):
         job (replace labels by cfg.num_classes)."""
         if not torch.compiler.is_compiling():  # (a check would break the compiled graph)
             self.check_inputs(tokens, labels)
+        # the class token takes the place of a BOS token: the input is shifted right by one, so
+        # the last token is never an input and position i sees exactly the class and tokens < i
         h = self.tok_dropout(self.embed(labels, tokens[:, :-1]))               # (B, N, D)
         rope = rope_1d(torch.arange(h.shape[1], device=h.device), self.cfg.head_dim, self.cfg.rope_base)
         for layer in self.layers:
@@ -842,9 +869,11 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
     if N > gpt.cfg.block_size or prefix.shape[1] > N:
         raise ValueError(f"cannot generate {N} tokens with a prefix of {prefix.shape[1]} "
                          f"(block_size {gpt.cfg.block_size})")
+    # guidance costs a second batch (the null class); with a scale of 1 everywhere it is skipped
     scales = cfg_schedule(cfg, N).tolist()
     guided = any(s != 1.0 for s in scales)
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
+    # positions 0..N-1 are ever fed (class token, then tokens 1..N-1): N + 1 slots suffice
     gpt.setup_cache(len(rows), N + 1)
     P = prefix.shape[1]
     logits = prefill(gpt, rows, torch.cat([prefix, prefix]) if guided else prefix)
@@ -879,6 +908,7 @@ def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, 
     tokens = labels.new_zeros(B, N)
     cond = None
     for i, token in enumerate(generate_stream(gpt, labels, N, **gen_kwargs)):
+        # unknown tokens stay 0: they only ever reach rows of z' that no step reads yet
         tokens[:, i] = token
         if (i + 1) % cfg.group_size:
             continue
@@ -1024,6 +1054,8 @@ _TOKENIZER_RENAMES = [
 ]
 
 
+# The official modules keep q, k, v as three Linears and 1x1 convolutions where a Linear does the
+# same; the conversion below is the whole difference between the two state dicts.
 def convert_official_tokenizer(sd):
     """Official tokenizer state dict -> ours: rename, fuse q/k/v (cross-attention: k/v) into one
     Linear, turn 1x1 conv weights (out, in, 1, 1) into Linear weights, drop the codebook-usage
