@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="directory for bulk sampling (one PNG per sample, plus DIR.npz)")
     p.add_argument("--num-samples", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights for the Llama and bf16 autocast for the decoder (default: on with "
+                   "CUDA, off on a CPU, where it needs AVX512-BF16 or AMX to pay off)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
                    "default: on with CUDA; on a CPU it pays off for bulk sampling")
@@ -115,7 +117,7 @@ class Timer:
 
 def sample(tok, gpt, labels, args, noise=None, prefix=None, decode_fn=dar.decode_one_token):
     """Streamed generation -> (tokens (B, N), list of previews (B, 3, H, W) after each step)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=labels.is_cuda and args.bf16)
+    autocast = torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     previews = []
     with autocast:
         for tokens, state in dar.generate_images(gpt, tok, labels, noise, args.sampler, args.steps,
@@ -169,11 +171,11 @@ def benchmark(args, device):
     decode_fn = compile_models(args, device, tok)
     gpt = dar.GPT(dar.gpt_config(args.gpt_preset, vocab_size=tok.cfg.codebook_size,
                                  block_size=tok.cfg.num_tokens)).to(device).eval()
-    if device.type == "cuda" and args.bf16:
+    if args.bf16:
         gpt = gpt.to(torch.bfloat16)
     B, N = args.batch_size, tok.cfg.num_tokens
     labels = torch.randint(0, gpt.cfg.num_classes, (B,), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     cfg = parse_cfg(args.cfg)
 
     def timed(fn):
@@ -213,6 +215,8 @@ def png(out, i):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup_distributed()
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda"
     if args.benchmark:
         return benchmark(args, device)
     try:
@@ -226,7 +230,7 @@ def main(argv=None):
         ref = dar.to_tensor(dar.center_crop(dar.load_image(args.layout), tok.cfg.image_size)) if args.layout else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    if device.type == "cuda" and args.bf16:
+    if args.bf16:
         gpt = gpt.to(torch.bfloat16)  # halves the weights read at every token step
     decode_fn = compile_models(args, device, tok)
 

@@ -680,6 +680,12 @@ def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio)
     assert Image.open(tmp_path / "l.png").size == (2 * 66 + 2, 2 * 66 + 2)
 
 
+def test_sample_bf16_on_cpu(tmp_path, capsys):
+    sample_script.main(OFFICIAL + ["--class", "3", "--num-per-class", "2", "--bf16", "--grid", str(tmp_path / "b.png")])
+    assert Image.open(tmp_path / "b.png").size == (2 * 66 + 2, 66 + 2)
+    assert "2 images in" in capsys.readouterr().out
+
+
 def test_bulk_sampling_npz_and_resume(tmp_path):
     out = tmp_path / "s"
     argv = OFFICIAL + ["--out", str(out), "--num-samples", "10", "--batch-size", "4", "--cfg", "1.5", "--seed", "3"]
