@@ -57,7 +57,7 @@ class TokenizerConfig:
     head_dim: int = 64          # every attention layer uses 64-d heads (2D RoPE: 32 dims per axis)
     mlp_ratio: int = 4
     data_std: float = 0.6       # the DiT works on x1 = image * 0.6
-    time_shift: float = 2.0     # beta of eq. 5: t' = t / (t + beta (1 - t))
+    time_shift: float = 2.0     # beta: sampling times t = u / (u + beta (1 - u)) for uniform u (eq. 8)
     sample_steps: int = 8       # default number of decoder steps (one per group)
     repa_layer: int = 8         # REPA: DiT features before this block are aligned with DINOv2
     repa_dim: int = 768         # DINOv2 ViT-B/14 width; 0 builds no projector (inference-only model)
@@ -442,8 +442,11 @@ class PixelDiT(nn.Module):
 # 5. Condition schedule (paper eq. 5): which group of tokens conditions which time
 
 def shift_time(t, beta):
-    """t' = t / (t + beta (1 - t)). With beta = 2 the uniform grid i/K is pushed towards t = 0, so
-    the early (coarse) steps, where the image is mostly noise, get more of the token budget."""
+    """Uniform time u -> diffusion time u / (u + beta (1 - u)) (eq. 8). Eq. 5 writes the inverse
+    map, diffusion time -> the uniform axis on which the K groups are evenly spaced; the code draws
+    u, picks the group from it and shifts it into the diffusion time, which is the same schedule.
+    With beta = 2 the groups crowd towards t = 0, so the early (coarse) steps, where the image is
+    mostly noise, get more of the token budget."""
     return t / (t + beta * (1 - t))
 
 
@@ -569,7 +572,8 @@ class Tokenizer(nn.Module):
         g = groups[i] * cfg.group_size
         t = times[i].expand(state.x.shape[0])
         v, _ = self.dit(state.x, t, cond[:, g:g + cfg.group_size])
-        # the preview costs nothing: the same update, aimed at t = 1 (eq. 7); after the last step
+        # the preview costs nothing: the same update, aimed at t = 1 (the jump estimate of sec. 5,
+        # x1_hat = x_t + (1 - t) v); after the last step
         # it is the image itself. Outputs leave the data_std units: * (1 / 0.6)
         x, jump = ode_update(state.x, v, state.v_prev, times[i], times[i + 1], times[-1], state.sampler)
         return DecodeState(x, state.steps, state.sampler, i + 1, v, jump * (1.0 / cfg.data_std))
@@ -618,14 +622,14 @@ class Tokenizer(nn.Module):
         cond = self.decoder(z_q)                                        # (B, N, D)
         cond = cond[torch.arange(B, device=images.device)[:, None], start[:, None] + idx[:cfg.group_size]]
 
-        # flow matching (eq. 1): x_t = t x1 + (1 - t) x0, target v = x1 - x0, in data_std units
+        # flow matching (eqs. 2-4): x_t = t x1 + (1 - t) x0, target v = x1 - x0, in data_std units
         t = shift_time(t_u, cfg.time_shift)
         te = t[:, None, None, None]
         x1 = images * cfg.data_std
         x_t = te * x1 + (1 - te) * x0
         v_pred, repa_feats = self.dit(x_t, t, cond, repa=repa)
         fm_loss = F.mse_loss(v_pred, x1 - x0) / cfg.data_std ** 2
-        # jump estimate x1_hat = x_t + (1 - t) v (eq. 7), back in image units: LPIPS compares it
+        # jump estimate x1_hat = x_t + (1 - t) v, back in image units: LPIPS (eq. 7) compares it
         # with the input
         x1_hat = (x_t + (1 - te) * v_pred) / cfg.data_std
         return dict(fm_loss=fm_loss, vq_loss=vq_loss, commit_loss=commit_loss, x1_hat=x1_hat,

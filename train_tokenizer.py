@@ -6,7 +6,7 @@ Train the D-AR sequential diffusion tokenizer (stage 1).
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \
         --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
 
-loss = fm + vq + commit + 0.5 LPIPS(image, x1_hat) + 0.5 REPA (paper sec. 3.2; SPEC of the official
+loss = fm + vq + commit + 0.5 LPIPS(image, x1_hat) + 0.5 REPA (paper eq. 7; settings of the official
 run: AdamW 2e-4, betas (0.9, 0.95), no weight decay, 500 warm-up steps then constant, clip 1.0,
 EMA 0.999, bf16, global batch 512-1024, random crop + flip).
 
