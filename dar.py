@@ -821,6 +821,14 @@ def cfg_schedule(cfg, n):
     return torch.linspace(float(start), float(end), n)
 
 
+def parse_guidance(text):
+    """'1.1,8.0' -> (1.1, 8.0); '4' -> 4.0: the command-line form of cfg_schedule's argument."""
+    vals = [float(v) for v in str(text).split(",")]
+    if len(vals) not in (1, 2) or min(vals) < 0:
+        raise ValueError(f"guidance {text!r}: expected one scale or 'start,end'")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
 def guided_logits(logits, scale):
     """Rows are [conditional ; unconditional]: l = l_u + (l_c - l_u) * s (classifier-free guidance
     on the logits)."""
@@ -1121,15 +1129,20 @@ def _load_weights(model, sd, path):
     return model.eval()
 
 
+def _weights(ckpt, use_ema):
+    """The EMA state dict when asked for and present, else the raw one."""
+    return ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+
+
 def load_tokenizer(path, use_ema=True, map_location="cpu"):
     ckpt = load_checkpoint(path, map_location)
     kind = _checkpoint_kind(ckpt)
     if kind == "dar.tokenizer":
         cfg = _config_from_dict(TokenizerConfig, ckpt["config"])
-        sd = _strip_prefixes(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+        sd = _strip_prefixes(_weights(ckpt, use_ema))
     elif kind == "official.tokenizer":
         cfg = tokenizer_config_from_official(ckpt["config"])
-        sd = convert_official_tokenizer(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+        sd = convert_official_tokenizer(_weights(ckpt, use_ema))
     else:
         raise _wrong_kind(path, kind, "tokenizer")
     if not any(k.startswith("dit.repa.") for k in sd):
@@ -1144,7 +1157,7 @@ def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
     kind = _checkpoint_kind(ckpt)
     if kind == "dar.gpt":
         cfg = _config_from_dict(GPTConfig, ckpt["config"])
-        sd = _strip_prefixes(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+        sd = _strip_prefixes(_weights(ckpt, use_ema))
     elif kind == "official.gpt":
         # the official sampler uses 'model'; the sequence length is not stored: block_size (the
         # tokenizer's N) or 256

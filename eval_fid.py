@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 import dar
+from sample import batch_seed, class_balanced_labels, load_models
 
 # -----------------------------------------------------------------------------
 # Metrics: pure functions of features (the quantities ADM's evaluator.py computes)
@@ -285,24 +286,17 @@ def image_source(path, batch_size, workers, limit=None):
     return folder_images(path, batch_size, workers, limit)
 
 
-def class_balanced_labels(n, num_classes):
-    """0, 1, .., C-1, 0, 1, ..: every class n / C times (50 each for 50K ImageNet samples)."""
-    return torch.arange(n) % num_classes
-
-
 def generated_images(gpt, tok, n, batch_size, seed, device, bf16=True, **sampling):
     """Class-conditional samples, streamed as sample.py makes them: the GPT writes the tokens and
     each finished group is decoded into one more pixel-diffusion step. The batch starting at sample
-    i draws from seed * 1_000_003 + i, the seeding of sample.py --out, so the same seed and batch
-    size give the images it writes (the draws of a batch never depend on the batches before it)."""
-    if gpt.cfg.vocab_size != tok.cfg.codebook_size:
-        raise ValueError(f"the GPT predicts {gpt.cfg.vocab_size} codes but the tokenizer has {tok.cfg.codebook_size}")
+    i draws from sample.py's batch_seed(seed, i), so the same seed and batch size give the images
+    sample.py --out writes."""
     labels = class_balanced_labels(n, gpt.cfg.num_classes)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
     def batches():
         for i in range(0, n, batch_size):
-            torch.manual_seed(seed * 1_000_003 + i)
+            torch.manual_seed(batch_seed(seed, i))
             with autocast:
                 for _, state in dar.generate_images(gpt, tok, labels[i:i + batch_size].to(device), **sampling):
                     pass
@@ -416,13 +410,6 @@ def evaluate(ref, samples, k, device):
                 num_ref=None if ref["pool"] is None else len(ref["pool"]), ref_stats=ref["source"])
 
 
-def parse_cfg(s):
-    v = [float(x) for x in s.split(",")]
-    if len(v) not in (1, 2):
-        raise argparse.ArgumentTypeError("--cfg takes one scale or start,end")
-    return v[0] if len(v) == 1 else tuple(v)
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
@@ -432,7 +419,7 @@ def get_args(argv=None):
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
     p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split)")
     p.add_argument("--num-samples", type=int, help="how many samples (default: all; 50000 with --gpt)")
-    p.add_argument("--cfg", type=parse_cfg, default=1.0, help="guidance scale, or start,end of a linear ramp "
+    p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="guidance scale, or start,end of a linear ramp "
                    "over the tokens (the paper: 1.1,8.0 for D-AR-L)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -479,8 +466,7 @@ def main(argv=None):
     else:
         ref = reference(args.ref, net, args.batch_size, args.workers)
         if args.gpt:
-            tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
-            gpt = dar.GPT.from_checkpoint(args.gpt, map_location=device, block_size=tok.cfg.num_tokens)
+            tok, gpt = load_models(args, device)  # the checks of sample.py: they belong together
             batches = generated_images(gpt, tok, args.num_samples or 50000, args.batch_size, args.seed, device,
                                        args.bf16, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p)

@@ -70,13 +70,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_cfg(s):
-    vals = [float(v) for v in str(s).split(",")]
-    if len(vals) not in (1, 2) or min(vals) < 0:
-        raise ValueError(f"--cfg {s}: expected one scale or 'start,end'")
-    return vals[0] if len(vals) == 1 else tuple(vals)
-
-
 def load_models(args, device):
     """Tokenizer and GPT, checked to belong together."""
     tok_path = args.tokenizer or latest("runs/tokenizer*/ckpt.pt")
@@ -121,11 +114,22 @@ def sample(tok, gpt, labels, args, noise=None, prefix=None, decode_fn=dar.decode
     previews = []
     with autocast:
         for tokens, state in dar.generate_images(gpt, tok, labels, noise, args.sampler, args.steps,
-                                                 cfg=parse_cfg(args.cfg), temperature=args.temperature,
+                                                 cfg=dar.parse_guidance(args.cfg), temperature=args.temperature,
                                                  top_k=args.top_k, top_p=args.top_p, prefix=prefix,
                                                  decode_fn=decode_fn):
             previews.append(state.preview.float())
     return tokens, previews
+
+
+def class_balanced_labels(n, num_classes):
+    """Sample i has class i mod C: every class n / C times (50 each for 50K ImageNet samples)."""
+    return torch.arange(n) % num_classes
+
+
+def batch_seed(seed, first):
+    """The seed of the batch that starts at sample `first`: its draws never depend on the batches
+    before it, so a batch can be redone alone (and eval_fid.py --gpt makes the same images)."""
+    return seed * 1_000_003 + first
 
 
 def bulk(args, tok, gpt, device, decode_fn):
@@ -135,12 +139,12 @@ def bulk(args, tok, gpt, device, decode_fn):
     os.makedirs(args.out, exist_ok=True)
     batches = [list(range(s, min(s + B, args.num_samples))) for s in range(0, args.num_samples, B)]
     todo = [b for b in batches[rank::world] if not all(os.path.exists(png(args.out, i)) for i in b)]
+    labels = class_balanced_labels(args.num_samples, C)
     if rank == 0:
         print(f"{args.num_samples} samples in {len(batches)} batches; this process: {len(todo)} to do")
     for b in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
-        torch.manual_seed(args.seed * 1_000_003 + b[0])  # a batch's draws depend only on the batch
-        labels = torch.tensor([i % C for i in b], device=device)
-        _, previews = sample(tok, gpt, labels, args, decode_fn=decode_fn)
+        torch.manual_seed(batch_seed(args.seed, b[0]))
+        _, previews = sample(tok, gpt, labels[b[0]:b[-1] + 1].to(device), args, decode_fn=decode_fn)
         for i, img in zip(b, dar.to_uint8(previews[-1])):
             Image.fromarray(img).save(png(args.out, i))
     if world > 1:
@@ -148,9 +152,8 @@ def bulk(args, tok, gpt, device, decode_fn):
     if rank == 0:
         images = np.stack([np.asarray(Image.open(png(args.out, i)).convert("RGB"))
                            for i in tqdm(range(args.num_samples), desc="building .npz", dynamic_ncols=True)])
-        labels = np.arange(args.num_samples) % C
         path = args.out.rstrip("/") + ".npz"
-        np.savez(path, images, labels)  # arr_0, arr_1 as the ADM evaluator expects
+        np.savez(path, images, labels.numpy())  # arr_0, arr_1 as the ADM evaluator expects
         print(f"wrote {path}: arr_0 {images.shape} {images.dtype}, arr_1 labels")
 
 
@@ -176,7 +179,7 @@ def benchmark(args, device):
     B, N = args.batch_size, tok.cfg.num_tokens
     labels = torch.randint(0, gpt.cfg.num_classes, (B,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
-    cfg = parse_cfg(args.cfg)
+    cfg = dar.parse_guidance(args.cfg)
 
     def timed(fn):
         fn()  # warm-up (and compilation)
@@ -221,7 +224,7 @@ def main(argv=None):
         return benchmark(args, device)
     try:
         tok, gpt = load_models(args, device)
-        parse_cfg(args.cfg)
+        dar.parse_guidance(args.cfg)
         bad = [c for c in args.classes if not 0 <= c < gpt.cfg.num_classes]
         if bad:
             raise ValueError(f"--class {bad[0]} is outside this model's classes 0..{gpt.cfg.num_classes - 1}")

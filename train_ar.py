@@ -179,11 +179,6 @@ def parse_args(argv=None):
     return args
 
 
-def parse_cfg(s):
-    vals = [float(v) for v in str(s).split(",")]
-    return vals[0] if len(vals) == 1 else tuple(vals)
-
-
 def main(argv=None):
     args = parse_args(argv)
     run = Run(args)
@@ -236,7 +231,7 @@ def main(argv=None):
 
     def on_sample(step):
         save_samples(ema or model, tok, cfg.num_classes, os.path.join(run.out, "samples", f"ar_{step:07d}.png"),
-                     parse_cfg(args.cfg), seed=args.seed)
+                     dar.parse_guidance(args.cfg), seed=args.seed)
 
     model.train()
     train(run, args, model, ema, optimizer, dataset, augment, loss_fn, lr_at, total, start,
