@@ -400,6 +400,13 @@ class PixelDiT(nn.Module):
         self.x_embed = nn.Linear(3 * p * p, D)  # official: 1x1 conv on the patchified image
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.dit_depth))
         self.out = nn.Linear(D, 3 * p * p)      # official: 1x1 conv
+        # 2D RoPE tables of the configured grid, built once (non-persistent: not in checkpoints).
+        # Rebuilding them in every forward costs little eagerly, but a compiled graph fuses the
+        # float64 cos / sin into each kernel that applies them and recomputes them per element
+        g = cfg.image_size // p
+        cos, sin = rope_2d(g, g, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         # REPA projector (training only): DiT features -> the width of DINOv2 ViT-B/14 patch tokens
         self.repa = nn.Sequential(nn.Linear(D, cfg.repa_hidden), nn.SiLU(),
                                   nn.Linear(cfg.repa_hidden, cfg.repa_hidden), nn.SiLU(),
@@ -416,7 +423,10 @@ class PixelDiT(nn.Module):
         # patchify by rearrangement: (B, C, h p, w p) -> (B, h w, C p p), channel order (c, p1, p2)
         x = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         x = self.x_embed(x)                                                      # (B, L, D)
-        rope = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        if h * w == self.rope_cos.shape[0] and h == w:
+            rope = (self.rope_cos.float(), self.rope_sin.float())
+        else:  # another resolution than the configured one
+            rope = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         feats = None
         for i, block in enumerate(self.blocks):
             if repa and i == self.cfg.repa_layer:
@@ -688,7 +698,14 @@ class LlamaAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:                        # inference: attend to everything cached so far
             k, v = cache.update(pos, k, v)                         # (B, H, L, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if T == 1:
+                # one new token: its scores (B, H, 1, L) are a single row per head, so written out
+                # the step is two batched matrix-vector products that a compiler fuses with the
+                # mask and softmax (on a CPU, measured faster than the fused kernel's setup)
+                att = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5
+                y = torch.where(mask, att, float("-inf")).softmax(-1).type_as(v) @ v
+            else:                    # prefill: class token and prefix at once
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -840,7 +857,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token per row from logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k > 0:  # keep the k most likely
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -888,6 +906,7 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
     # positions 0..N-1 are ever fed (class token, then tokens 1..N-1): N + 1 slots suffice
     gpt.setup_cache(len(rows), N + 1)
     P = prefix.shape[1]
+    positions = torch.arange(N, device=device)  # slices of it feed decode_fn: no tensor per step
     logits = prefill(gpt, rows, torch.cat([prefix, prefix]) if guided else prefix)
     for i in range(P):
         yield prefix[:, i]
@@ -896,8 +915,7 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
         token = sample_logits(next_logits, temperature, top_k, top_p)
         yield token
         if i + 1 < N:
-            pos = torch.tensor([i + 1], device=device)
-            logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, pos)
+            logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, positions[i + 1:i + 2])
 
 
 def generate(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None):

@@ -158,8 +158,9 @@ def bulk(args, tok, gpt, device, decode_fn):
 
 
 def compile_models(args, device, tok):
-    """--compile (default with CUDA): the pixel DiT through torch.compile, and the AR decode step
-    as a CUDA graph (gpt-fast: static KV cache, mode="reduce-overhead"). Returns the decode step."""
+    """--compile (default with CUDA): the pixel DiT and the AR decode step through torch.compile.
+    Returns the decode step. On a GPU the step becomes a CUDA graph (gpt-fast: static KV cache,
+    mode="reduce-overhead"); on a CPU, fused C++ kernels around the matrix products."""
     if not (args.compile or (args.compile is None and device.type == "cuda")):
         return dar.decode_one_token
     tok.dit = torch.compile(tok.dit)

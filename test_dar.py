@@ -133,13 +133,13 @@ def test_cfg_logits(gpt, gio):
     assert rel_err(guided, gio["logits_cfg"]) < TOL
 
 
-def kv_logits(gpt, labels, tokens):
+def kv_logits(gpt, labels, tokens, decode_fn=dar.decode_one_token):
     """Logits of every position computed one token at a time through the KV cache."""
     B, N = tokens.shape
     gpt.setup_cache(B, N + 1)
     out = [dar.prefill(gpt, labels, tokens[:, :0])]
     for i in range(N - 1):
-        out.append(dar.decode_one_token(gpt, tokens[:, i], torch.tensor([i + 1])))
+        out.append(decode_fn(gpt, tokens[:, i], torch.tensor([i + 1])))
     return torch.stack(out, 1)
 
 
@@ -684,6 +684,23 @@ def test_sample_bf16_on_cpu(tmp_path, capsys):
     sample_script.main(OFFICIAL + ["--class", "3", "--num-per-class", "2", "--bf16", "--grid", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "b.png").size == (2 * 66 + 2, 66 + 2)
     assert "2 images in" in capsys.readouterr().out
+
+
+def test_compiled_decode_step_and_dit_equal_eager():
+    """sample.py --compile on a CPU: the compiled AR step and pixel DiT give the eager numbers."""
+    import types
+    tok, gpt = tiny_tokenizer(), tiny_gpt()
+    eager_dit = tok.dit
+    decode_fn = sample_script.compile_models(types.SimpleNamespace(compile=True), torch.device("cpu"), tok)
+    assert tok.dit is not eager_dit and decode_fn is not dar.decode_one_token
+    torch.manual_seed(0)
+    tokens, labels = torch.randint(0, 64, (6, 16)), torch.tensor([1, 2, 3, 10, 10, 10])
+    codes, noise = torch.randint(0, 64, (3, 16)), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(kv_logits(gpt, labels, tokens, decode_fn), kv_logits(gpt, labels, tokens)) < 1e-5
+        compiled = tok.decode(codes, noise)
+        tok.dit = eager_dit
+        assert rel_err(compiled, tok.decode(codes, noise)) < 1e-5
 
 
 def test_bulk_sampling_npz_and_resume(tmp_path):
