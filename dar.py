@@ -423,8 +423,8 @@ class PixelDiT(nn.Module):
         # patchify by rearrangement: (B, C, h p, w p) -> (B, h w, C p p), channel order (c, p1, p2)
         x = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         x = self.x_embed(x)                                                      # (B, L, D)
-        if h * w == self.rope_cos.shape[0] and h == w:
-            rope = (self.rope_cos.float(), self.rope_sin.float())
+        if h == w == self.cfg.image_size // p:
+            rope = (self.rope_cos, self.rope_sin)
         else:  # another resolution than the configured one
             rope = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         feats = None
