@@ -3,26 +3,51 @@ D-AR: Diffusion via Autoregressive Models (Gao & Shou, 2025), in one file.
 
 D-AR turns pixel diffusion into plain next-token prediction:
 
-  image --(1D encoder + VQ)--> N = 256 discrete tokens z_1..z_N, in K = 8 groups of 32
+  image --(1D encoder + VQ, eq. 1)--> N = 256 discrete tokens z_1..z_N, in K = 8 groups of 32
   tokens --(causal token decoder)--> conditioning tokens z'
-  group k of z' conditions diffusion step k of a pixel DiT (coarse groups first, fine last)
-  an unmodified Llama learns p(z) = prod_i p(z_i | z_<i, class) and generates tokens left to right,
-  so every 32 tokens can be decoded into one more denoising step (streaming, previews, layout control).
+  group k of z' conditions diffusion step k of a pixel DiT (eqs. 2-5): coarse groups first, fine last
+  an unmodified Llama learns p(z) = prod_i p(z_i | z_<i, class) (eq. 6) and writes tokens left to
+  right, so every 32 tokens can be decoded into one more denoising step (eq. 8): streaming
+  previews, and layout control by fixing the first tokens.
 
-The file is built from the smallest parts up:
-  shared pieces (RoPE, attention, blocks) -> 1. vector quantiser -> 2. encoder -> 3. token decoder
-  -> 4. pixel DiT -> 5. condition schedule -> 6. samplers -> 7. the tokenizer -> 8. Llama
-  -> 9. generation -> 10. checkpoints (ours and the official format) -> 11. presets.
+The file has two parts. Part I is the paper, built from the smallest pieces up; Part II is what it
+takes to run it (checkpoints, data, distributed training, sampling helpers). Read Part I first.
 
-Equation numbers refer to the paper (arXiv 2505.23660). Where the official code (showlab/D-AR),
-which produced the released checkpoints, departs from the paper, this file follows the code and
-says so. All tensors are (B, ...) batches; shapes are noted as comments, e.g. (B, N, D).
+  PART I: D-AR
+    section 1   configs
+    section 2   shared pieces: RoPE, attention, blocks
+    section 3   vector quantiser                            (eq. 1)
+    section 4   encoder: image -> N query tokens              (eq. 1)
+    section 5   token decoder: codes -> conditioning tokens z'
+    section 6   pixel DiT: the velocity network               (eqs. 2-4)
+    section 7   condition schedule                            (eqs. 5, 8)
+    section 8   the sampler: Euler and Adams-Bashforth 2, one loop (eq. 8)
+    section 9   the sequential diffusion tokenizer and its loss (eq. 7)
+    section 10  the autoregressive model: Llama with a KV cache (eq. 6)
+    section 11  generation: guidance, streaming into the decoder
+    section 12  presets
+  PART II: running D-AR
+    section 13  checkpoints: atomic saving, safe loading, the official format
+    section 14  images and datasets
+    section 15  training runs: processes, seeds, data order, resume, the loop
+    section 16  sampling and evaluation: loading models, batches, timing
+
+Equation numbers ("eq. N") are the paper's (arXiv 2505.23660); "section N" always means a section
+of this file. Where the official code (showlab/D-AR), which produced the released checkpoints,
+departs from the paper, this file follows the code and says so. Tensors are (B, ...) batches;
+shapes are noted in comments, e.g. (B, N, D).
 """
 
 import argparse
 import math
 import os
+import random
+import re
+import sys
 import tempfile
+import time
+import zipfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -31,9 +56,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# =============================================================================
+#                                 PART I: D-AR
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# Configs
+# section 1. Configs: one dataclass per model, saved in every checkpoint (asdict), so a checkpoint
+# alone rebuilds its model
 
 @dataclass
 class TokenizerConfig:
@@ -56,7 +85,9 @@ class TokenizerConfig:
     dit_patch_size: int = 8     # pixel patches: 8x8x3 = 192 values per token, 1024 tokens at 256x256
     head_dim: int = 64          # every attention layer uses 64-d heads (2D RoPE: 32 dims per axis)
     mlp_ratio: int = 4
-    data_std: float = 0.6       # the DiT works on x1 = image * 0.6
+    data_std: float = 0.6       # the DiT works on x1 = image * 0.6: a smaller signal lowers the
+                                # signal-to-noise ratio at every t, so more of the trajectory is
+                                # spent at high noise (as pixel diffusion at high resolution needs)
     time_shift: float = 2.0     # beta: sampling times t = u / (u + beta (1 - u)) for uniform u (eq. 8)
     sample_steps: int = 8       # default number of decoder steps (one per group)
     repa_layer: int = 8         # REPA: DiT features before this block are aligned with DINOv2
@@ -89,7 +120,7 @@ class GPTConfig:
     token_dropout: float = 0.1
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
-    class_dropout: float = 0.1  # p of replacing the label by the null class in training (CFG)
+    class_dropout: float = 0.1  # p of replacing the label by the null class in training (CFG): ar_loss
     head_dim: int = 0           # derived: dim // n_head
     ffn_hidden: int = 0         # derived: multiple_of above int(2 * 4 dim / 3) (Llama's SwiGLU sizing)
 
@@ -100,8 +131,9 @@ class GPTConfig:
             self.ffn_hidden = -(-hidden // self.multiple_of) * self.multiple_of
 
 
+
 # -----------------------------------------------------------------------------
-# Shared pieces: layer norm without affine, rotary embeddings, attention, MLP
+# section 2. Shared pieces: layer norm without affine, rotary embeddings, attention, MLP
 
 def ln(x):
     """LayerNorm without learnable affine (eps 1e-6): used for all the tokenizer's bare norms."""
@@ -219,12 +251,11 @@ def run_blocks(blocks, x, use_checkpoint, **kwargs):
             x = block(x, **kwargs)
     return x
 
-
 # -----------------------------------------------------------------------------
-# 1. Vector quantiser (LlamaGen style: l2-normalised codes, straight-through)
+# section 3. Vector quantiser (eq. 1, LlamaGen style: l2-normalised codes, straight-through)
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour quantisation on the unit sphere of R^vq_dim.
+    """quant(.) of eq. 1: nearest-neighbour quantisation on the unit sphere of R^vq_dim.
 
     Both the encoder outputs z and the codebook entries e are l2-normalised; the code of a token is
     argmin_j ||z - e_j||^2. The decoder receives z + sg[e - z] (straight-through estimator), so
@@ -264,12 +295,11 @@ class VectorQuantizer(nn.Module):
         commit = (0.25 * (z_q.detach() - z).pow(2).mean(-1) * mask).sum() / mask.sum()
         return codebook, commit
 
-
 # -----------------------------------------------------------------------------
-# 2. Encoder: image -> N query tokens (1D, TiTok-like)
+# section 4. Encoder (eq. 1): image -> N query tokens (1D, TiTok-like)
 
 class Encoder(nn.Module):
-    """Patches and N learnable queries go through one transformer; the queries' outputs become the
+    """E(I, [q_1..q_N]) of eq. 1. Patches and N learnable queries go through one transformer; the queries' outputs become the
     N code vectors. Attention mask: patches see all patches (and no query); query i sees all patches
     and queries <= i, so each token only summarises what earlier tokens left out (causal queries).
     2D RoPE rotates the patches; the queries get the identity rotation."""
@@ -301,8 +331,7 @@ class Encoder(nn.Module):
         # 3. one transformer over [patches ; queries]: 2D RoPE on patches, none on queries; the
         #    mask lets query i read the whole image and queries < i, never later ones. There is no
         #    order among the codes yet: it appears in training, because the diffusion decoder
-        #    uses them group by group (section 5)
-
+        #    uses them group by group (eq. 5)
         cos, sin = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         rope = (torch.cat([cos, cos.new_ones(N, cos.shape[1])]),      # identity rotation
                 torch.cat([sin, sin.new_zeros(N, sin.shape[1])]))      # for the queries
@@ -313,9 +342,8 @@ class Encoder(nn.Module):
         # 4. the query outputs, normalised and projected to the 8-d code space
         return self.to_code(ln(x[:, P:]))                              # (B, N, vq_dim)
 
-
 # -----------------------------------------------------------------------------
-# 3. Token decoder: codes -> conditioning tokens z' (causal, adds nonlinearity)
+# section 5. Token decoder: codes -> conditioning tokens z' (causal, adds nonlinearity)
 
 class TokenDecoder(nn.Module):
     """Quantised codes (B, N, vq_dim) -> z' (B, N, dec_dim) through causal self-attention blocks.
@@ -338,9 +366,8 @@ class TokenDecoder(nn.Module):
         x = run_blocks(self.blocks, x, self.grad_checkpointing, causal=True)
         return ln(x)
 
-
 # -----------------------------------------------------------------------------
-# 4. Pixel diffusion decoder: a DiT on raw pixels with cross-attention to one group of z'
+# section 6. Pixel diffusion decoder (eqs. 2-4): a DiT on raw pixels, cross-attending to one group of z'
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding (B,) -> (B, dim): [cos(t f_j), sin(t f_j)], f_j = max_period^(-j/half)."""
@@ -374,6 +401,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, t, cond, rope):
         # x (B, L, D) patch tokens; t (B,) diffusion time in [0, 1]; cond (B, G, D); rope (L, hd/2) x 2
+        # t in [0, 1] is scaled by 1000 (DiT's integer timesteps 0..999): the sinusoid's periods run
+        # from 2 pi to 10000 * 2 pi, so on [0, 1] most frequencies would see an almost constant phase
         t_emb = self.t_embed(timestep_embedding(t * 1000, x.shape[-1]))[:, None]  # (B, 1, D)
         c = ln(self.c_embed(cond))                                                # (B, G, D)
         h = ln(x)
@@ -387,7 +416,9 @@ class DiTBlock(nn.Module):
 
 
 class PixelDiT(nn.Module):
-    """Velocity network v(x_t, t, c) of the flow-matching decoder, on raw pixels (no VAE).
+    """D_FM(x_t, t, c(t)) of eq. 2: the velocity network of the flow-matching decoder, on raw pixels
+    (no VAE). Flow matching (eqs. 2-4): x_t = t x1 + (1 - t) x0 moves in a straight line from the
+    noise x0 ~ N(0, I) to the image x1, so its velocity is v = x1 - x0, which the net regresses.
 
     x_t (B, 3, H, W) in data_std units -> patchify p = 8 by pure rearrangement (channel order c, p1, p2)
     -> Linear 192 -> D -> 1024 tokens -> blocks -> LN -> Linear D -> 192 -> un-patchify."""
@@ -447,9 +478,8 @@ class PixelDiT(nn.Module):
         grid = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return self.repa(F.avg_pool2d(grid, s, s).flatten(2).transpose(1, 2))
 
-
 # -----------------------------------------------------------------------------
-# 5. Condition schedule (paper eq. 5): which group of tokens conditions which time
+# section 7. Condition schedule (eqs. 5, 8): which group of tokens conditions which time
 
 def shift_time(t, beta):
     """Uniform time u -> diffusion time u / (u + beta (1 - u)) (eq. 8). Eq. 5 writes the inverse
@@ -472,20 +502,21 @@ def group_index(t_u, K):
 def sampling_schedule(steps, K, beta):
     """Sampling times and groups for `steps` decoder steps (eq. 8): t_i = shift(i / steps) for
     i = 0..steps-1, then t = 1, as a float32 tensor (steps + 1,); step i uses group g(i / steps).
-    With steps = K each group conditions exactly one step."""
+    With steps = K (the default) each group conditions exactly one step, the one its training
+    times were centred on."""
     t_u = [i / steps for i in range(steps)]
     times = shift_time(torch.tensor(t_u + [1.0], dtype=torch.float32), beta)
     return times, [group_index(t, K) for t in t_u]
 
-
 # -----------------------------------------------------------------------------
-# 6. Samplers: Euler and Adams-Bashforth 2 over the shifted schedule, one step at a time
+# section 8. The sampler (eq. 8): Euler or Adams-Bashforth 2 over the shifted time grid, in one
+# loop; previews come with every step, and streaming only feeds the loop its groups late
 
 @dataclass
 class DecodeState:
-    """Where a decoding is: x_t after `step` of `steps` ODE steps (data_std units), the last velocity
-    (for Adams-Bashforth 2) and the preview: the jump estimate x1_hat = x_t + (1 - t) v of the last
-    step, in image units. A state can be stored and decoding resumed from it (streaming)."""
+    """Where a decoding is after `step` of `steps` ODE steps: x_t (data_std units), the last velocity
+    (Adams-Bashforth 2 needs it) and the preview of the last step in image units (the decoded image
+    once step == steps). A state can be kept and the loop resumed from it."""
     x: torch.Tensor                       # (B, 3, H, W)
     steps: int
     sampler: str = "adams2"
@@ -494,18 +525,28 @@ class DecodeState:
     preview: Optional[torch.Tensor] = None
 
 
-def ode_update(x, v, v_prev, t, t_next, t_end, sampler):
-    """One step from t to t_next of dx/dt = v. Euler uses d = v; Adams-Bashforth 2 uses
-    d = 1.5 v_i - 0.5 v_{i-1} (an Euler first step). Returns x_next = x + (t_next - t) d and the
-    preview x + (t_end - t) d: the same step aimed straight at t = 1 (the official clip_steps)."""
-    if sampler not in ("euler", "adams2"):
-        raise ValueError(f"unknown sampler {sampler!r}: use 'euler' or 'adams2'")
-    d = v if sampler == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
-    return x + (t_next - t) * d, x + (t_end - t) * d
-
+def ode_steps(velocity, state, times, data_std):
+    """Integrate dx/dt = v from state.step to the end of the time grid `times` (steps + 1,), yielding
+    the DecodeState after every step; velocity(x, t_i, i) -> v (B, 3, H, W).
+        Euler:                    x_{i+1} = x_i + (t_{i+1} - t_i) v_i
+        Adams-Bashforth 2 (AB2):  x_{i+1} = x_i + (t_{i+1} - t_i) (3/2 v_i - 1/2 v_{i-1})
+    AB2 extrapolates the velocity linearly from the last two evaluations: second order for one
+    network call per step (paper Table 2: rFID 1.52 against Euler's 1.58 at 8 steps); its first step
+    is Euler. The preview takes the same direction d straight to t = 1 (the official clip_steps):
+    x1_hat = x_i + (1 - t_i) d, the image as seen from the groups used so far; after the last step
+    it is the image itself. Previews and outputs leave the data_std units."""
+    if state.sampler not in ("euler", "adams2"):
+        raise ValueError(f"unknown sampler {state.sampler!r}: use 'euler' or 'adams2'")
+    x, v_prev = state.x, state.v_prev
+    for i in range(state.step, state.steps):
+        v = velocity(x, times[i], i)
+        d = v if state.sampler == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
+        preview = (x + (times[-1] - times[i]) * d) * (1.0 / data_std)
+        x, v_prev = x + (times[i + 1] - times[i]) * d, v
+        yield DecodeState(x, state.steps, state.sampler, i + 1, v, preview)
 
 # -----------------------------------------------------------------------------
-# 7. The sequential diffusion tokenizer
+# section 9. The sequential diffusion tokenizer, and its training objective (eq. 7)
 
 class Tokenizer(nn.Module):
     """Encoder + quantiser + token decoder + pixel DiT. encode() gives codes, decode() pixels, and
@@ -571,37 +612,33 @@ class Tokenizer(nn.Module):
         return DecodeState(noise, steps or self.cfg.sample_steps, sampler)
 
     @torch.no_grad()
-    def decode_step(self, cond, state):
-        """One ODE step (eq. 8): step i evaluates v at (x_{t_i}, t_i) conditioned on group g(i) of
-        cond = z' (B, N, dec_dim) and moves to t_{i+1}. Only that group of cond is read, so cond may
-        hold anything after it (streaming)."""
-        cfg, i = self.cfg, state.step
-        # t_0 = 0 < t_1 < ... < t_steps = 1 on the shifted grid; group g(i) of z' drives step i
+    def sample(self, cond_group, state, dit=None):
+        """The decoder's loop (section 8) from `state`, yielding the state after each step. Step i
+        is conditioned on group g(i) of z' (eq. 8), which cond_group(g) -> (B, N/K, dec_dim)
+        provides only when step i needs it, so the groups may arrive one at a time (streaming).
+        dit is the velocity network: self.dit, or a compiled or timed wrapper of it."""
+        cfg, dit = self.cfg, self.dit if dit is None else dit
+        # t_0 = 0 < t_1 < ... < t_steps = 1 on the shifted grid; group groups[i] drives step i
         times, groups = sampling_schedule(state.steps, cfg.num_groups, cfg.time_shift)
         times = times.to(state.x.device)
-        g = groups[i] * cfg.group_size
-        t = times[i].expand(state.x.shape[0])
-        v, _ = self.dit(state.x, t, cond[:, g:g + cfg.group_size])
-        # the preview costs nothing: the same update, aimed at t = 1 (the jump estimate of sec. 5,
-        # x1_hat = x_t + (1 - t) v); after the last step
-        # it is the image itself. Outputs leave the data_std units: * (1 / 0.6)
-        x, jump = ode_update(state.x, v, state.v_prev, times[i], times[i + 1], times[-1], state.sampler)
-        return DecodeState(x, state.steps, state.sampler, i + 1, v, jump * (1.0 / cfg.data_std))
+
+        def velocity(x, t, i):
+            return dit(x, t.expand(x.shape[0]), cond_group(groups[i]))[0]
+        yield from ode_steps(velocity, state, times, cfg.data_std)
 
     @torch.no_grad()
-    def decode_steps(self, codes, noise=None, sampler="adams2", steps=None, state=None):
-        """Yield the DecodeState after each step; state.preview after step k is the image as seen
-        from the first k groups, and after the last step it is the decoded image. Pass `state` to
-        continue a decoding that stopped part way."""
-        cond = self.cond_tokens(codes)
+    def decode_steps(self, codes, noise=None, sampler="adams2", steps=None, state=None, dit=None):
+        """Decode codes (B, N), yielding the DecodeState after each step: state.preview after step k
+        is the image as seen from the first k groups, after the last step the decoded image. Pass
+        `state` to continue a decoding that stopped part way."""
+        z = self.cond_tokens(codes)                                         # (B, N, dec_dim)
         if state is None:
             if noise is None:
                 S = self.cfg.image_size
-                noise = torch.randn(codes.shape[0], 3, S, S, device=codes.device, dtype=cond.dtype)
+                noise = torch.randn(codes.shape[0], 3, S, S, device=codes.device, dtype=z.dtype)
             state = self.start_decode(noise, steps, sampler)
-        while state.step < state.steps:
-            state = self.decode_step(cond, state)
-            yield state
+        G = self.cfg.group_size
+        yield from self.sample(lambda g: z[:, g * G:(g + 1) * G], state, dit)
 
     def decode(self, codes, noise=None, sampler="adams2", steps=None):
         """codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1]. `noise` (B, 3, H, W) is the
@@ -614,7 +651,7 @@ class Tokenizer(nn.Module):
 
     def forward(self, images, t=None, noise=None, repa=False):
         """One training forward on images (B, 3, H, W) in [-1, 1]. t (B,) ~ U[0, 1) picks both the
-        group (section 5) and, shifted, the diffusion time; noise (B, 3, H, W) is x0. Both are drawn
+        group (eq. 5) and, shifted, the diffusion time; noise (B, 3, H, W) is x0. Both are drawn
         when None. Returns a dict of the losses and what the perceptual / REPA losses need."""
         cfg, B = self.cfg, images.shape[0]
         t_u = torch.rand(B, device=images.device) if t is None else t
@@ -638,6 +675,8 @@ class Tokenizer(nn.Module):
         x1 = images * cfg.data_std
         x_t = te * x1 + (1 - te) * x0
         v_pred, repa_feats = self.dit(x_t, t, cond, repa=repa)
+        # dividing by data_std^2 puts the loss on the scale of image pixels: the jump estimate below
+        # errs by (1 - t)(v_pred - v) / data_std in image units
         fm_loss = F.mse_loss(v_pred, x1 - x0) / cfg.data_std ** 2
         # jump estimate x1_hat = x_t + (1 - t) v, back in image units: LPIPS (eq. 7) compares it
         # with the input
@@ -651,8 +690,40 @@ class Tokenizer(nn.Module):
         return load_tokenizer(path, use_ema, map_location)
 
 
+
+def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
+    """The tokenizer's training objective, eq. 7, for images (B, 3, H, W) in [-1, 1]:
+        loss = l_fm + l_VQ + lambda_1 LPIPS(I, x1_hat) + lambda_2 l_repa        (lambda = 0.5)
+    l_fm is the flow-matching loss of the condition group picked for each image (eqs. 2-5); l_VQ is
+    the codebook + commitment pair of section 3; LPIPS compares the input with the one-jump
+    estimate x1_hat = x_t + (1 - t) v, so every training time also learns to jump straight to a
+    sharp image (what lets 8 steps suffice); l_repa = 1 - cos(REPA projection of the DiT's features,
+    a frozen encoder's patch tokens of the input) aligns the DiT with a strong image representation
+    (faster convergence). The two networks are passed in: lpips(a, b) -> (B, 1, 1, 1) distances
+    (VGG16 LPIPS in the paper) and repa_target(images) -> (B, M, C) patch tokens (DINOv2
+    ViT-B/14: 16 x 16 tokens of width 768); None leaves a term out. tok may be wrapped (DDP,
+    compile). Returns the loss, its terms (tensors) and the codes (B, N) of this batch."""
+    out = tok(images, repa=repa_target is not None)
+    terms = dict(fm=out["fm_loss"], vq=out["vq_loss"], commit=out["commit_loss"])
+    loss = out["fm_loss"] + out["vq_loss"] + out["commit_loss"]
+    if lpips is not None:
+        terms["lpips"] = lpips(images.float(), out["x1_hat"].float()).mean()
+        loss = loss + lpips_weight * terms["lpips"]
+    if repa_target is not None:
+        target = repa_target(images)                                        # (B, M, C)
+        feats = out["repa_feats"]                                           # (B, n, C)
+        if feats.shape[1] != target.shape[1]:
+            # the DiT pools its features to at most 16 x 16 (PixelDiT.repa_features); below 256 px
+            # its grid is smaller, so the target's square grid is pooled down to it
+            side, tside = math.isqrt(feats.shape[1]), math.isqrt(target.shape[1])
+            grid = target.transpose(1, 2).unflatten(2, (tside, tside))
+            target = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+        terms["repa"] = (1 - F.cosine_similarity(feats.float(), target.float(), dim=-1)).mean()
+        loss = loss + repa_weight * terms["repa"]
+    return loss, terms, out["codes"]
+
 # -----------------------------------------------------------------------------
-# 8. The autoregressive model: Llama (LlamaGen's GPT), with a static KV cache
+# section 10. The autoregressive model (eq. 6): Llama (LlamaGen's GPT), with a static KV cache
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
@@ -827,28 +898,22 @@ class GPT(nn.Module):
         sequence length, which they do not store, is block_size or 256)."""
         return load_gpt(path, use_ema, map_location, block_size)
 
-
 # -----------------------------------------------------------------------------
-# 9. Generation: prefill / decode one token, CFG with a linear schedule, streaming decoding
+# section 11. Generation: prefill / decode one token, classifier-free guidance with a linear
+# schedule, streaming into the decoder; and the AR training loss
 
-def cfg_schedule(cfg, n):
-    """Guidance scale per position (n,): linear from start to end (the paper uses 1.1 -> 8.0 for
-    D-AR-L, 1.1 -> 10.0 for XL); a single number is a constant scale."""
-    start, end = (cfg, cfg) if isinstance(cfg, (int, float)) else cfg
+def guidance_schedule(guidance, n):
+    """Classifier-free guidance scale per position (n,): linear from start to end over the tokens
+    (the paper: 1.1 -> 8.0 for D-AR-L, 1.1 -> 10.0 for XL); a single number is a constant scale.
+    Early tokens fix the layout, where strong guidance costs diversity; late tokens add the detail
+    that guidance sharpens."""
+    start, end = (guidance, guidance) if isinstance(guidance, (int, float)) else guidance
     return torch.linspace(float(start), float(end), n)
 
 
-def parse_guidance(text):
-    """'1.1,8.0' -> (1.1, 8.0); '4' -> 4.0: the command-line form of cfg_schedule's argument."""
-    vals = [float(v) for v in str(text).split(",")]
-    if len(vals) not in (1, 2) or min(vals) < 0:
-        raise ValueError(f"guidance {text!r}: expected one scale or 'start,end'")
-    return vals[0] if len(vals) == 1 else tuple(vals)
-
-
 def guided_logits(logits, scale):
-    """Rows are [conditional ; unconditional]: l = l_u + (l_c - l_u) * s (classifier-free guidance
-    on the logits)."""
+    """Classifier-free guidance on the logits (Ho & Salimans): rows are [conditional ; unconditional]
+    and l = l_u + (l_c - l_u) s, which sharpens p(z_i | z_<i, class) by s against p(z_i | z_<i)."""
     cond, uncond = logits.chunk(2)
     return uncond + (cond - uncond) * scale
 
@@ -887,11 +952,12 @@ def decode_one_token(gpt, token, pos):
 
 
 @torch.no_grad()
-def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0,
+def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0,
                     prefix=None, decode_fn=decode_one_token):
-    """Yield the tokens (B,) of positions 0..N-1 one at a time. `prefix` (B, P) fixes the first P
-    tokens (zero-shot layout control): they are fed in the prefill and yielded as they are.
-    With guidance, conditional and unconditional rows run as one batch of 2B rows."""
+    """Sample eq. 6 left to right: yield the tokens (B,) of positions 0..N-1 one at a time. `prefix`
+    (B, P) fixes the first P tokens (zero-shot layout control): they are fed in the prefill and
+    yielded as they are. With guidance, conditional and unconditional rows run as one batch of 2B
+    rows. decode_fn is the one-token step (decode_one_token, or a compiled version of it)."""
     N = num_tokens or gpt.cfg.block_size
     B, device = labels.shape[0], labels.device
     prefix = labels.new_zeros(B, 0) if prefix is None else prefix.to(device)
@@ -900,7 +966,7 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
         raise ValueError(f"cannot generate {N} tokens with a prefix of {prefix.shape[1]} "
                          f"(block_size {gpt.cfg.block_size})")
     # guidance costs a second batch (the null class); with a scale of 1 everywhere it is skipped
-    scales = cfg_schedule(cfg, N).tolist()
+    scales = guidance_schedule(guidance, N).tolist()
     guided = any(s != 1.0 for s in scales)
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
     # positions 0..N-1 are ever fed (class token, then tokens 1..N-1): N + 1 slots suffice
@@ -918,276 +984,56 @@ def generate_stream(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_
             logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, positions[i + 1:i + 2])
 
 
-def generate(gpt, labels, num_tokens=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None):
+def generate(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None):
     """labels (B,) -> tokens (B, N) int64, sampled left to right with the KV cache."""
-    return torch.stack(list(generate_stream(gpt, labels, num_tokens, cfg, temperature, top_k, top_p, prefix)), 1)
+    return torch.stack(list(generate_stream(gpt, labels, num_tokens, guidance, temperature, top_k, top_p,
+                                            prefix)), 1)
 
 
 @torch.no_grad()
-def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, **gen_kwargs):
-    """Streaming D-AR: run one pixel-diffusion step as soon as the tokens it needs exist.
-    Yields (tokens (B, N), DecodeState) after each decoder step; tokens not generated yet are 0.
-    The last state's preview is the image, the same as tok.decode(tokens, noise) would give: the
-    token decoder is causal and each step reads only its own group of z'."""
-    cfg, N = tok.cfg, tok.cfg.num_tokens
-    B = labels.shape[0]
+def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, dit=None, **gen_kwargs):
+    """Streaming D-AR: the decoder's loop (section 8) asks for group g of z' when its step comes,
+    and the Llama writes tokens until group g is complete, so each diffusion step runs as soon as
+    the 32 tokens it reads exist. Yields (tokens (B, N), DecodeState) after each decoder step; tokens
+    not generated yet are 0. The last state's preview is the image, the same as
+    tok.decode(tokens, noise) gives: z' is causal and each step reads only its own group.
+    gen_kwargs go to generate_stream (guidance, temperature, top_k, top_p, prefix, decode_fn)."""
+    cfg, B = tok.cfg, labels.shape[0]
     if noise is None:
         noise = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=labels.device)
-    state = tok.start_decode(noise, steps, sampler)
-    _, groups = sampling_schedule(state.steps, cfg.num_groups, cfg.time_shift)
-    tokens = labels.new_zeros(B, N)
-    cond = None
-    for i, token in enumerate(generate_stream(gpt, labels, N, **gen_kwargs)):
-        # unknown tokens stay 0: they only ever reach rows of z' that no step reads yet
-        tokens[:, i] = token
-        if (i + 1) % cfg.group_size:
-            continue
-        cond = tok.cond_tokens(tokens)  # a group is complete: refresh z' (only ready rows are read)
-        while state.step < state.steps and (groups[state.step] + 1) * cfg.group_size <= i + 1:
-            state = tok.decode_step(cond, state)
-            yield tokens, state
+    stream = generate_stream(gpt, labels, cfg.num_tokens, **gen_kwargs)
+    tokens = labels.new_zeros(B, cfg.num_tokens)   # unknown tokens stay 0: no step reads their rows
+    n, z, G = 0, None, cfg.group_size              # n tokens written so far; z = z' of them
+
+    def cond_group(g):
+        nonlocal n, z
+        if z is None or n < (g + 1) * G:           # write up to the end of group g, refresh z'
+            while n < (g + 1) * G:
+                tokens[:, n] = next(stream)
+                n += 1
+            z = tok.cond_tokens(tokens)            # (B, N, dec_dim); rows >= n are never read
+        return z[:, g * G:(g + 1) * G]
+
+    for state in tok.sample(cond_group, tok.start_decode(noise, steps, sampler), dit):
+        if state.step == state.steps:              # fewer steps than groups skip the last groups:
+            for token in stream:                   # finish the sequence all the same
+                tokens[:, n] = token
+                n += 1
+        yield tokens, state
 
 
-# -----------------------------------------------------------------------------
-# 10. Checkpoints: atomic saving, safe loading, conversion from the official format
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or of the wrong kind (one-line message)."""
-
-
-class _OfficialConfig(dict):
-    """Stand-in for the official config_util.Config (a mapping over its `_data` dict), so that the
-    official tokenizer checkpoints unpickle without the official code and without running any."""
-
-    def __setstate__(self, state):
-        self.update(state.get("_data", {}))
-
-
-# the only classes a checkpoint may name besides tensors and containers
-_SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), argparse.Namespace]
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same directory, then rename: a crash at any moment
-    leaves either the old file or the new one, never half of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def model_checkpoint(model, ema=None, **extra):
-    """Our checkpoint dict: kind, config (a plain dict) and weights, plus whatever the trainer adds
-    (optimizer, step, RNG states...). Models are saved unwrapped (no DDP / compile prefixes)."""
-    kind = {Tokenizer: "dar.tokenizer", GPT: "dar.gpt"}[type(model)]
-    ckpt = dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(), **extra)
-    if ema is not None:
-        ckpt["ema"] = ema.state_dict()
-    return ckpt
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True (no code from the file runs) and an allow-list that maps
-    the official config class to a plain dict. Raises CheckpointError with a one-line reason."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
-            reason = "it holds objects outside the allow-list of safe types (refusing to unpickle them)"
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch "
-                              f"checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not a checkpoint dict (found {type(ckpt).__name__})")
-    return ckpt
-
-
-def _strip_prefixes(sd):
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("_orig_mod.", "module.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def _checkpoint_kind(ckpt):
-    """'dar.tokenizer' / 'dar.gpt' (ours), 'official.tokenizer' / 'official.gpt', or None."""
-    if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt"):
-        return ckpt["kind"]
-    sd = ckpt.get("model", ckpt)
-    if not isinstance(sd, dict):
-        return None
-    keys = {k.split("_orig_mod.")[-1].split("module.")[-1] for k in sd}
-    if "tok_embeddings.weight" in keys:
-        return "official.gpt"
-    if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict):
-        return "official.tokenizer"
-    return None
-
-
-def _wrong_kind(path, kind, wanted):
-    what = {"dar.tokenizer": "a D-AR tokenizer", "official.tokenizer": "a D-AR tokenizer",
-            "dar.gpt": "a D-AR GPT", "official.gpt": "a D-AR GPT"}.get(kind, "not a D-AR")
-    return CheckpointError(f"{path} is {what} checkpoint, expected a {wanted} checkpoint")
-
-
-def tokenizer_config_from_official(c):
-    """The official tokenizer config (YAML `model:` section) -> TokenizerConfig."""
-    c = c.get("model", c)
-    dd = c["diff_decoder"]
-    unsupported = {"vq_enable": False, "query_low_rank": False, "mlp_head": True, "share_time_encoding": True}
-    for k, bad in unsupported.items():
-        if c.get(k, dd.get(k)) == bad:
-            raise CheckpointError(f"official tokenizer option {k}={bad} is not supported")
-    if c.get("queries_per_step", c["num_all_queries"] // c["num_query_groups"]) * c["num_query_groups"] != c["num_all_queries"]:
-        raise CheckpointError("official tokenizer with queries_per_step != N / K is not supported")
-    if dd.get("cond_dim", c["decoder_dim"]) != c["decoder_dim"]:
-        raise CheckpointError("official tokenizer with cond_dim != decoder_dim is not supported")
-    return TokenizerConfig(
-        image_size=c.get("sampling_resolution", 256), patch_size=c["encoder_patch_size"],
-        enc_dim=c["encoder_dim"], enc_layers=c["num_encoder_layers"],
-        dec_dim=c["decoder_dim"], dec_layers=c["num_decoder_layers"],
-        num_tokens=c["num_all_queries"], num_groups=c["num_query_groups"],
-        codebook_size=c["vq_codebook_size"], vq_dim=c["vq_dim"],
-        dit_dim=dd["dim"], dit_depth=dd["depth"], dit_patch_size=dd["patch_size"],
-        data_std=dd.get("data_std", 1.0), time_shift=float(dd.get("time_shift", 1.0)),
-        sample_steps=c["num_denoising_steps"], repa_layer=dd.get("repa_layer", 8),
-        rope_theta=float(c.get("rope_base_len", 10000)))
-
-
-# official tokenizer key -> ours (regex, in order); q/k/v triples are fused afterwards
-_TOKENIZER_RENAMES = [
-    (r"^encoder_layers\.", "encoder.blocks."), (r"^decoder_layers\.", "decoder.blocks."),
-    (r"^patchify\.", "encoder.patch_embed."), (r"^query_embedding\.", "encoder.query_embed."),
-    (r"^query_linear\.", "encoder.query_proj."), (r"^quant_in_conv\.", "encoder.to_code."),
-    (r"^quant_out_conv\.", "decoder.from_code."), (r"^decoder_embedding\.", "decoder.pos_embed."),
-    (r"^quantize\.embedding\.", "quantizer.codebook."), (r"^diff_decoder\.net\.", "dit."),
-    (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
-    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."),
-    (r"\.attention\.", ".attn."), (r"\.adaLN_modulation\.1\.", ".ada."),
-    (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed."),
-]
-
-
-# The official modules keep q, k, v as three Linears and 1x1 convolutions where a Linear does the
-# same; the conversion below is the whole difference between the two state dicts.
-def convert_official_tokenizer(sd):
-    """Official tokenizer state dict -> ours: rename, fuse q/k/v (cross-attention: k/v) into one
-    Linear, turn 1x1 conv weights (out, in, 1, 1) into Linear weights, drop the codebook-usage
-    statistics buffer."""
-    import re
-    out = {}
-    for k, v in _strip_prefixes(sd).items():
-        if k.endswith("quantize.codebook_used"):
-            continue
-        for pattern, repl in _TOKENIZER_RENAMES:
-            k = re.sub(pattern, repl, k)
-        if k.split(".")[-2] in ("to_code", "from_code", "x_embed", "out") and v.ndim == 4:
-            v = v.flatten(1)
-        out[k] = v
-    for k in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
-        base, p = k.rsplit(".q.", 1)
-        out[f"{base}.qkv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.k.{p}"), out.pop(f"{base}.v.{p}")])
-    for k in [k for k in out if re.search(r"\.cross_attn\.k\.(weight|bias)$", k)]:
-        base, p = k.rsplit(".k.", 1)
-        out[f"{base}.kv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.v.{p}")])
-    return out
-
-
-def convert_official_gpt(sd):
-    """Official GPT state dict -> ours: renames, and w1 / w3 stacked into w13."""
-    renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
-               ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
-    out = {}
-    for k, v in _strip_prefixes(sd).items():
-        if k == "freqs_cis" or ".kv_cache." in k:
-            continue
-        for a, b in renames.items():
-            k = k.replace(a, b)
-        out[k] = v
-    for k in [k for k in out if k.endswith(".ffn.w1.weight")]:
-        out[k.replace(".w1.", ".w13.")] = torch.cat([out.pop(k), out.pop(k.replace(".w1.", ".w3."))])
-    return out
-
-
-def gpt_config_from_weights(sd, block_size=256):
-    """Read the GPT size off converted weights (head_dim is 64 in every D-AR / LlamaGen preset)."""
-    vocab, dim = sd["tok_embed.weight"].shape
-    n_layer = sum(1 for k in sd if k.endswith(".attn.wqkv.weight"))
-    return GPTConfig(dim=dim, n_layer=n_layer, n_head=dim // 64, vocab_size=vocab, block_size=block_size,
-                     num_classes=sd["class_embed.weight"].shape[0] - 1,
-                     ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
-
-
-def _config_from_dict(cls, d):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _load_weights(model, sd, path):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-def _weights(ckpt, use_ema):
-    """The EMA state dict when asked for and present, else the raw one."""
-    return ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
-
-
-def load_tokenizer(path, use_ema=True, map_location="cpu"):
-    ckpt = load_checkpoint(path, map_location)
-    kind = _checkpoint_kind(ckpt)
-    if kind == "dar.tokenizer":
-        cfg = _config_from_dict(TokenizerConfig, ckpt["config"])
-        sd = _strip_prefixes(_weights(ckpt, use_ema))
-    elif kind == "official.tokenizer":
-        cfg = tokenizer_config_from_official(ckpt["config"])
-        sd = convert_official_tokenizer(_weights(ckpt, use_ema))
-    else:
-        raise _wrong_kind(path, kind, "tokenizer")
-    if not any(k.startswith("dit.repa.") for k in sd):
-        cfg.repa_dim = 0  # inference-only weights: no REPA projector
-    else:
-        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0]
-    return _load_weights(Tokenizer(cfg), sd, path).to(map_location)
-
-
-def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
-    ckpt = load_checkpoint(path, map_location)
-    kind = _checkpoint_kind(ckpt)
-    if kind == "dar.gpt":
-        cfg = _config_from_dict(GPTConfig, ckpt["config"])
-        sd = _strip_prefixes(_weights(ckpt, use_ema))
-    elif kind == "official.gpt":
-        # the official sampler uses 'model'; the sequence length is not stored: block_size (the
-        # tokenizer's N) or 256
-        sd = convert_official_gpt(ckpt.get("model", ckpt))
-        cfg = gpt_config_from_weights(sd, block_size or 256)
-    else:
-        raise _wrong_kind(path, kind, "GPT")
-    return _load_weights(GPT(cfg), sd, path).to(map_location)
-
+def ar_loss(gpt, codes, labels, class_dropout, null_class):
+    """Eq. 6 as a training loss: cross-entropy of the N next-token predictions under teacher forcing
+    (codes (B, N), labels (B,)). With probability class_dropout a label becomes the null class, so
+    the same network also learns the unconditional p(z) that guidance contrasts with. gpt may be
+    wrapped (DDP, compile)."""
+    drop = torch.rand(labels.shape, device=labels.device) < class_dropout
+    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    logits = gpt(codes, labels)                                             # (B, N, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
 # -----------------------------------------------------------------------------
-# 11. Presets
+# section 12. Presets: the paper's sizes, and small ones for a CPU and for the tests
 
 TOKENIZER_PRESETS = {
     # the paper's tokenizer: 307.4M parameters (185.1M pixel DiT, 7.3M REPA projector)
@@ -1226,12 +1072,274 @@ def gpt_config(preset, **overrides):
     return GPTConfig(**{**GPT_PRESETS[preset], **overrides})
 
 
+# =============================================================================
+#                            PART II: running D-AR
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# 12. For the scripts: images, datasets, distributed runs, EMA
+# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong kind (one-line message)."""
+
+
+class _OfficialConfig(dict):
+    """Stand-in for the official config_util.Config (a mapping over its `_data` dict), so that the
+    official tokenizer checkpoints unpickle without the official code and without running any."""
+
+    def __setstate__(self, state):
+        self.update(state.get("_data", {}))
+
+
+# The only classes a checkpoint may name besides tensors and containers. A pickle can name any
+# callable and have it run on load (os.system, say); weights_only=True refuses every name that is
+# not on this list, so loading a file never runs code from it.
+_SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), argparse.Namespace]
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same directory, then rename: a crash at any moment
+    leaves either the old file or the new one, never half of one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the usual permissions
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def model_checkpoint(model, ema=None, **extra):
+    """Our checkpoint dict: kind, config (a plain dict) and weights, plus whatever the trainer adds
+    (optimizer, step, RNG states...). Models are saved unwrapped (no DDP / compile prefixes)."""
+    kind = {Tokenizer: "dar.tokenizer", GPT: "dar.gpt"}[type(model)]
+    ckpt = dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(), **extra)
+    if ema is not None:
+        ckpt["ema"] = ema.state_dict()
+    return ckpt
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True (no code from the file runs) and an allow-list that maps
+    the official config class to a plain dict. Raises CheckpointError with a one-line reason."""
+    path = os.fspath(path)
+    # every failure below becomes one CheckpointError line: the scripts print it and exit
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Unsupported global" in str(e) or "weights_only" in str(e):
+            reason = "it holds objects outside the allow-list of safe types (refusing to unpickle them)"
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch "
+                              f"checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint dict (found {type(ckpt).__name__})")
+    return ckpt
+
+
+def _strip_prefixes(sd):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _checkpoint_kind(ckpt):
+    """'dar.tokenizer' / 'dar.gpt' (ours), 'official.tokenizer' / 'official.gpt', or None."""
+    if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt"):  # ours say what they are
+        return ckpt["kind"]
+    # the official files do not: recognise them by a key only that model has. The released GPTs
+    # are {"model": state dict}, sometimes a bare state dict; the tokenizer also holds its config
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict):
+        return None
+    keys = {k.split("_orig_mod.")[-1].split("module.")[-1] for k in sd}
+    if "tok_embeddings.weight" in keys:
+        return "official.gpt"
+    if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict):
+        return "official.tokenizer"
+    return None
+
+
+def _wrong_kind(path, kind, wanted):
+    what = {"dar.tokenizer": "a D-AR tokenizer", "official.tokenizer": "a D-AR tokenizer",
+            "dar.gpt": "a D-AR GPT", "official.gpt": "a D-AR GPT"}.get(kind, "not a D-AR")
+    return CheckpointError(f"{path} is {what} checkpoint, expected a {wanted} checkpoint")
+
+
+def tokenizer_config_from_official(c):
+    """The official tokenizer config (YAML `model:` section) -> TokenizerConfig."""
+    c = c.get("model", c)
+    dd = c["diff_decoder"]
+    # options the official code has but no released checkpoint uses: refuse rather than build a
+    # different model that happens to accept the weights
+    unsupported = {"vq_enable": False, "query_low_rank": False, "mlp_head": True, "share_time_encoding": True}
+    for k, bad in unsupported.items():
+        if c.get(k, dd.get(k)) == bad:
+            raise CheckpointError(f"official tokenizer option {k}={bad} is not supported")
+    if c.get("queries_per_step", c["num_all_queries"] // c["num_query_groups"]) * c["num_query_groups"] != c["num_all_queries"]:
+        raise CheckpointError("official tokenizer with queries_per_step != N / K is not supported")
+    if dd.get("cond_dim", c["decoder_dim"]) != c["decoder_dim"]:
+        raise CheckpointError("official tokenizer with cond_dim != decoder_dim is not supported")
+    # official name -> ours, field by field; defaults are the official code's
+    return TokenizerConfig(
+        image_size=c.get("sampling_resolution", 256), patch_size=c["encoder_patch_size"],
+        enc_dim=c["encoder_dim"], enc_layers=c["num_encoder_layers"],
+        dec_dim=c["decoder_dim"], dec_layers=c["num_decoder_layers"],
+        num_tokens=c["num_all_queries"], num_groups=c["num_query_groups"],
+        codebook_size=c["vq_codebook_size"], vq_dim=c["vq_dim"],
+        dit_dim=dd["dim"], dit_depth=dd["depth"], dit_patch_size=dd["patch_size"],
+        data_std=dd.get("data_std", 1.0), time_shift=float(dd.get("time_shift", 1.0)),
+        sample_steps=c["num_denoising_steps"], repa_layer=dd.get("repa_layer", 8),
+        rope_theta=float(c.get("rope_base_len", 10000)))
+
+
+# official tokenizer key -> ours (regex, in order); q/k/v triples are fused afterwards
+_TOKENIZER_RENAMES = [
+    (r"^encoder_layers\.", "encoder.blocks."), (r"^decoder_layers\.", "decoder.blocks."),
+    (r"^patchify\.", "encoder.patch_embed."), (r"^query_embedding\.", "encoder.query_embed."),
+    (r"^query_linear\.", "encoder.query_proj."), (r"^quant_in_conv\.", "encoder.to_code."),
+    (r"^quant_out_conv\.", "decoder.from_code."), (r"^decoder_embedding\.", "decoder.pos_embed."),
+    (r"^quantize\.embedding\.", "quantizer.codebook."), (r"^diff_decoder\.net\.", "dit."),
+    (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
+    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."),
+    (r"\.attention\.", ".attn."), (r"\.adaLN_modulation\.1\.", ".ada."),
+    (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed."),
+]
+
+
+# The official modules keep q, k, v as three Linears and 1x1 convolutions where a Linear does the
+# same; the conversion below is the whole difference between the two state dicts.
+def convert_official_tokenizer(sd):
+    """Official tokenizer state dict -> ours: rename, fuse q/k/v (cross-attention: k/v) into one
+    Linear, turn 1x1 conv weights (out, in, 1, 1) into Linear weights, drop the codebook-usage
+    statistics buffer."""
+    out = {}
+    for k, v in _strip_prefixes(sd).items():
+        if k.endswith("quantize.codebook_used"):  # usage statistics of the official trainer
+            continue
+        for pattern, repl in _TOKENIZER_RENAMES:
+            k = re.sub(pattern, repl, k)
+        if k.split(".")[-2] in ("to_code", "from_code", "x_embed", "out") and v.ndim == 4:
+            v = v.flatten(1)  # 1x1 conv (out, in, 1, 1) -> Linear (out, in): the same product
+        out[k] = v
+    # self-attention: q, k, v stacked in that order (rows) into one qkv Linear; cross-attention:
+    # k, v into kv (its q reads another input)
+    for k in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
+        base, p = k.rsplit(".q.", 1)
+        out[f"{base}.qkv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.k.{p}"), out.pop(f"{base}.v.{p}")])
+    for k in [k for k in out if re.search(r"\.cross_attn\.k\.(weight|bias)$", k)]:
+        base, p = k.rsplit(".k.", 1)
+        out[f"{base}.kv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.v.{p}")])
+    return out
+
+
+def convert_official_gpt(sd):
+    """Official GPT state dict -> ours: renames, and w1 / w3 stacked into w13."""
+    renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
+               ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
+    out = {}
+    for k, v in _strip_prefixes(sd).items():
+        if k == "freqs_cis" or ".kv_cache." in k:  # buffers the official model rebuilds anyway
+            continue
+        for a, b in renames.items():
+            k = k.replace(a, b)
+        out[k] = v
+    # w1 over w3 in one matrix: SwiGLU.forward splits its output in this order
+    for k in [k for k in out if k.endswith(".ffn.w1.weight")]:
+        out[k.replace(".w1.", ".w13.")] = torch.cat([out.pop(k), out.pop(k.replace(".w1.", ".w3."))])
+    return out
+
+
+def gpt_config_from_weights(sd, block_size=256):
+    """Read the GPT size off converted weights (head_dim is 64 in every D-AR / LlamaGen preset)."""
+    vocab, dim = sd["tok_embed.weight"].shape
+    n_layer = sum(1 for k in sd if k.endswith(".attn.wqkv.weight"))
+    return GPTConfig(dim=dim, n_layer=n_layer, n_head=dim // 64, vocab_size=vocab, block_size=block_size,
+                     num_classes=sd["class_embed.weight"].shape[0] - 1,
+                     ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
+
+
+def _config_from_dict(cls, d):
+    # fields a later version dropped are ignored, fields it added take their defaults
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _load_weights(model, sd, path):
+    # strict, but as one CheckpointError line instead of load_state_dict's long report
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def _weights(ckpt, use_ema):
+    """The EMA state dict when asked for and present, else the raw one."""
+    return ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+
+
+def load_tokenizer(path, use_ema=True, map_location="cpu"):
+    ckpt = load_checkpoint(path, map_location)
+    kind = _checkpoint_kind(ckpt)
+    if kind == "dar.tokenizer":
+        cfg = _config_from_dict(TokenizerConfig, ckpt["config"])
+        sd = _strip_prefixes(_weights(ckpt, use_ema))
+    elif kind == "official.tokenizer":
+        cfg = tokenizer_config_from_official(ckpt["config"])
+        sd = convert_official_tokenizer(_weights(ckpt, use_ema))
+    else:
+        raise _wrong_kind(path, kind, "tokenizer")
+    # the REPA projector is training-only: build it only when the file has it (the released
+    # tokenizer does; the tiny golden ones and inference exports do not)
+    if not any(k.startswith("dit.repa.") for k in sd):
+        cfg.repa_dim = 0
+    else:
+        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0]
+    return _load_weights(Tokenizer(cfg), sd, path).to(map_location)
+
+
+def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
+    ckpt = load_checkpoint(path, map_location)
+    kind = _checkpoint_kind(ckpt)
+    if kind == "dar.gpt":
+        cfg = _config_from_dict(GPTConfig, ckpt["config"])
+        sd = _strip_prefixes(_weights(ckpt, use_ema))
+    elif kind == "official.gpt":
+        # the official sampler uses 'model'; the sequence length is not stored: block_size (the
+        # tokenizer's N) or 256
+        sd = convert_official_gpt(ckpt.get("model", ckpt))
+        cfg = gpt_config_from_weights(sd, block_size or 256)
+    else:
+        raise _wrong_kind(path, kind, "GPT")
+    return _load_weights(GPT(cfg), sd, path).to(map_location)
+
+# -----------------------------------------------------------------------------
+# section 14. Images and datasets
+
+# Images are PIL images until they enter a model: (3, H, W) float tensors in [-1, 1] from then on,
+# and (B, H, W, 3) uint8 arrays when they leave (PNG files, the ADM .npz layout).
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "boot"]
 
 
 def load_image(path):
@@ -1240,7 +1348,7 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as e:
+    except Exception as e:  # PIL raises many types for a bad file: one line that names it
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
@@ -1253,6 +1361,7 @@ def fit_shorter_side(img, size):
         canvas = Image.new("RGB", (w, h))
         canvas.paste(img, ((w - img.size[0]) // 2, (h - img.size[1]) // 2))
         return canvas
+    # halving with a box filter first keeps the bicubic step from aliasing on large reductions
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -1274,6 +1383,12 @@ def random_crop(img, size, rng, min_frac=0.8):
     [size, size / 0.8], then a random size x size crop."""
     img = fit_shorter_side(img, rng.randint(size, math.ceil(size / min_frac)))
     return crop(img, rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size), size)
+
+
+def flip(img, rng):
+    """Mirror left-right with probability 1/2."""
+    from PIL import Image
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
 def ten_crop(img, size, i):
@@ -1298,9 +1413,9 @@ def to_uint8(images):
     return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path, nrow=8):
-    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, nrow images per row, 2 px gaps.
-    Images under 64 px are enlarged (nearest neighbour) to be seen."""
+def grid_image(images, nrow=8):
+    """(B, 3, H, W) images in [-1, 1] -> one PIL grid, nrow images per row, 2 px gaps. Images under
+    64 px are enlarged (nearest neighbour) to be seen."""
     from PIL import Image
     x = to_uint8(images)
     scale = max(1, 64 // x.shape[2])
@@ -1311,22 +1426,35 @@ def save_grid(images, path, nrow=8):
     grid = Image.new("RGB", (nrow * (W + 2) + 2, rows * (H + 2) + 2))
     for i in range(B):
         grid.paste(Image.fromarray(x[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+    return grid
+
+
+def save_grid(images, path, nrow=8):
+    """grid_image saved as a PNG (or whatever the extension of path says)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    grid_image(images, nrow).save(path)
+
+
+def list_images(folder):
+    """Every image file in folder and below, sorted (the order of an ImageFolder)."""
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True)
+                  for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image, label) pairs from an ImageFolder tree (root/<class>/<image>, classes sorted by
     name, as ImageNet is usually laid out) or from in-memory arrays (Fashion-MNIST).
-    transform(PIL image, index) -> tensor; it gets the index so augmentations can be chosen
-    deterministically per sample."""
 
-    def __init__(self, files=None, labels=None, arrays=None, classes=None, transform=None):
+    transform(PIL image, rng) -> tensor, where rng is a random.Random seeded from (seed, epoch,
+    index): the same augmentation for a sample in a resumed run and with any number of loader
+    workers. set_epoch(e) picks the epoch (the training loop calls it)."""
+
+    def __init__(self, files=None, labels=None, arrays=None, classes=None, transform=None, seed=0):
         self.files, self.labels, self.arrays = files, labels, arrays
-        self.classes, self.transform = classes, transform
+        self.classes, self.transform, self.seed, self.epoch = classes, transform, seed, 0
 
     @classmethod
-    def folder(cls, root, transform=None):
+    def folder(cls, root, transform=None, seed=0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data {root}: no such directory (expected root/<class>/<image> "
                                     f"or a built-in name: {', '.join(BUILTIN_DATASETS)})")
@@ -1335,13 +1463,15 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"--data {root}: no class sub-folders (expected root/<class>/<image>)")
         files, labels = [], []
         for label, c in enumerate(classes):
-            found = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, c), followlinks=True)
-                           for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = list_images(os.path.join(root, c))
             if not found:
                 raise ValueError(f"--data {root}: class folder '{c}' holds no images")
             files += found
             labels += [label] * len(found)
-        return cls(files=files, labels=labels, classes=classes, transform=transform)
+        return cls(files=files, labels=labels, classes=classes, transform=transform, seed=seed)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.labels)
@@ -1353,11 +1483,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img = self.image(i)
-        return (self.transform(img, i) if self.transform else img), self.labels[i]
+        if self.transform is None:
+            return img, self.labels[i]
+        return self.transform(img, random.Random(hash((self.seed, self.epoch, i)))), self.labels[i]
 
 
 def read_idx(path):
-    """An IDX file (MNIST format), gzipped or not -> uint8 numpy array."""
+    """An IDX file (MNIST format), gzipped or not -> uint8 numpy array. The header is 2 zero bytes,
+    a type byte (0x08: uint8) and the number of dimensions, then each size as a big-endian int32."""
     import gzip
     import numpy as np
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -1367,7 +1500,7 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(train=True, transform=None):
+def fashion_mnist(train=True, transform=None, seed=0):
     """Fashion-MNIST (10 classes, 28x28 grey): from Debian's dataset-fashion-mnist files when
     present, else torchvision's download into ~/.cache/dar."""
     prefix = "train" if train else "t10k"
@@ -1382,19 +1515,98 @@ def fashion_mnist(train=True, transform=None):
         except Exception as e:
             raise FileNotFoundError(f"Fashion-MNIST is neither in {FASHION_MNIST_DIR} (Debian package "
                                     f"dataset-fashion-mnist) nor downloadable ({e})") from None
-    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-    return ImageDataset(arrays=x, labels=[int(v) for v in y], classes=classes, transform=transform)
+    return ImageDataset(arrays=x, labels=[int(v) for v in y], classes=FASHION_MNIST_CLASSES,
+                        transform=transform, seed=seed)
 
 
 BUILTIN_DATASETS = {"fashion-mnist": fashion_mnist}
 
 
-def build_dataset(data, transform=None, train=True):
-    """--data: a built-in name or an ImageFolder directory."""
+def build_dataset(data, transform=None, train=True, seed=0):
+    """--data: a built-in name or an ImageFolder directory (whose split is the folder itself)."""
     if data in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[data](train=train, transform=transform)
-    return ImageDataset.folder(data, transform)
+        return BUILTIN_DATASETS[data](train=train, transform=transform, seed=seed)
+    return ImageDataset.folder(data, transform, seed)
 
+
+def write_npz(path, images, labels):
+    """The ADM evaluator's layout: arr_0 uint8 images (N, H, W, 3), arr_1 int labels (N,)."""
+    import numpy as np
+    np.savez(path, images, labels)
+
+
+def npz_keys(path):
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz (expected an .npz or a folder of images)")
+    with zipfile.ZipFile(path) as z:
+        return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+
+
+def npz_batches(path, batch_size, limit=None):
+    """(batches, n): arr_0 read batch by batch straight from the zip, as ADM does (50K images at
+    256 px are 10 GB). Each batch is a 1-tuple (uint8 (B, H, W, 3),) (see eval_fid.extract)."""
+    import numpy as np
+    keys = npz_keys(path)
+    if "arr_0" not in keys:
+        raise ValueError(f"{path}: no arr_0 in the .npz (keys: {', '.join(keys) or 'none'}); expected uint8 "
+                         "images (N, H, W, 3) as arr_0")
+    z = zipfile.ZipFile(path)
+    f = z.open("arr_0.npy")
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)                                       # f is now at the data
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+        z.close()
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}{' (Fortran order)' * fortran}; expected uint8 "
+                         "images (N, H, W, 3) as np.savez(path, arr_0=images) writes them")
+    n = shape[0] if limit is None else min(limit, shape[0])
+
+    def batches():
+        with z, f:
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                yield (np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(b, *shape[1:]),)
+    return batches(), n
+
+
+def folder_batches(folder, batch_size, workers, limit=None):
+    """(batches, n) of the images under folder, decoded in threads (PIL releases the GIL); the
+    images must share one size."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such file or directory")
+    files = list_images(folder)[:limit]
+    if not files:
+        raise ValueError(f"{folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) in it or below")
+
+    def batches():
+        size = None
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for i in range(0, len(files), batch_size):
+                chunk = files[i:i + batch_size]
+                images = list(pool.map(lambda p: np.asarray(load_image(p)), chunk))
+                size = size or images[0].shape                              # (H, W, 3) of the first
+                for p, im in zip(chunk, images):
+                    if im.shape != size:
+                        raise ValueError(f"{p} is {im.shape[1]}x{im.shape[0]}, not {size[1]}x{size[0]} as "
+                                         f"{files[0]}: crop the images to one size first")
+                yield (np.stack(images),)
+    return batches(), len(files)
+
+
+def image_batches(path, batch_size, workers=1, limit=None):
+    """An .npz of images or a folder -> (batches of uint8 (B, H, W, 3) 1-tuples, count)."""
+    if os.path.isfile(path):
+        return npz_batches(path, batch_size, limit)
+    return folder_batches(path, batch_size, workers, limit)
+
+# -----------------------------------------------------------------------------
+# section 15. Training runs: processes, run directory, seeds, data order, EMA, the loop
+
+# What a training run needs around the model: processes (torchrun), a run directory, seeds that make
+# a resumed or multi-process run repeat the single uninterrupted one, the data order, EMA, the
+# optimizer, and the loop itself, shared by train_tokenizer.py and train_ar.py.
 
 def setup_distributed():
     """(rank, world_size, device). A process group only when torchrun set RANK: NCCL on GPUs,
@@ -1411,6 +1623,136 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+class Run:
+    """One training run as one process sees it: rank, world size, device, and the run directory
+    out/ (ckpt.pt, log.txt, metrics.jsonl, samples/). Rank 0 writes the files; every process takes
+    part in the collectives (barrier, mean)."""
+
+    def __init__(self, out):
+        self.rank, self.world, self.device = setup_distributed()
+        self.master, self.out, self.cuda = self.rank == 0, out, self.device.type == "cuda"
+        self.ckpt_path = os.path.join(out, "ckpt.pt")
+        if self.master:
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        self.barrier()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values):
+        """Average a list of floats over all processes (one all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t.tolist()
+
+    def log(self, msg):
+        """Print (above the progress bar) and append to log.txt, on rank 0."""
+        if not self.master:
+            return
+        from tqdm import tqdm
+        tqdm.write(msg)
+        with open(os.path.join(self.out, "log.txt"), "a") as f:
+            f.write(msg + "\n")
+
+    def fail(self, msg):
+        """Stop every process with one line: the reason, logged."""
+        self.log(f"error: {msg}")
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        sys.exit(f"error: {msg}")
+
+    def finish(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+    def autocast(self, bf16):
+        """bf16 autocast on this run's device when bf16 is on, else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def resume(self, model, ema, optimizer, kind, path=None, fresh=False):
+        """Restore model, EMA, optimizer and RNG states from path (or the run's own ckpt.pt when it
+        exists) and return the step to go on from; 0 for a new run (or with fresh=True)."""
+        path = path or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
+        if path is None or fresh:
+            return 0
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind") != kind or "optimizer" not in ckpt:
+            self.fail(f"{path} is not a {kind} training checkpoint to resume from")
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.log(f"resuming from {path} at step {ckpt['step']}")
+        return ckpt["step"]
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_seed(seed, step, micro):
+    """The seed of one micro-batch of one step. Everything random in a step (t, noise, dropout,
+    class dropout) is drawn after reseeding with it, so a resumed run repeats the draws of the
+    uninterrupted one, and a run gives the same draws on 1 or N processes."""
+    return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches of dataset indices for one process, step after step.
+
+    Each epoch is a seeded permutation cut into global batches; process r takes the r-th
+    contiguous slice of each global batch and cuts it into micro-batches. Unlike
+    DistributedSampler's interleaving, sample j of a global batch lands in the same micro-batch
+    slot whatever the number of processes (1 process x 2 micro-batches = 2 processes x 1), and
+    set_epoch(epoch, skip) starts mid-epoch for an exact resume."""
+
+    def __init__(self, n, global_batch, micro_batch, rank, world, seed):
+        self.n, self.global_batch, self.micro, self.rank, self.world, self.seed = n, global_batch, micro_batch, rank, world, seed
+        self.per_rank = global_batch // world
+        self.steps_per_epoch = n // global_batch  # the last partial batch of an epoch is dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {n} images, fewer than one global batch ({global_batch})")
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.skip) * (self.per_rank // self.micro)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for s in range(self.skip, self.steps_per_epoch):
+            mine = perm[s * self.global_batch + self.rank * self.per_rank:][:self.per_rank]
+            for m in range(0, self.per_rank, self.micro):
+                yield mine[m:m + self.micro]
+
+
+def new_model(make_model, seed, device, ema_decay):
+    """The model, built under a fixed seed (every process starts from the same weights), and its
+    EMA copy (None when ema_decay is 0)."""
+    torch.manual_seed(seed)
+    model = make_model().to(device)
+    ema = None
+    if ema_decay > 0:
+        ema = make_model().to(device).requires_grad_(False).eval()
+        ema.load_state_dict(model.state_dict())
+    return model, ema
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
@@ -1418,3 +1760,427 @@ def update_ema(ema, model, decay):
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def make_optimizer(model, lr, weight_decay, beta2, fused=False):
+    """AdamW (betas 0.9, beta2); weight decay on matrices and embeddings (dim >= 2), none on norms,
+    biases and gates, whose scale should not be pulled towards zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused)
+
+
+@dataclass
+class TrainSettings:
+    """What the training loop reads of a run's settings (the scripts fill it from their flags)."""
+    global_batch: int             # images (or sequences) per optimizer step, over all processes
+    micro_batch: Optional[int]    # per forward and process; None: global_batch / processes
+    grad_clip: float = 1.0        # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.0        # 0: no EMA
+    seed: int = 0
+    workers: int = 0              # data-loader processes per training process
+    log_every: int = 50
+    ckpt_every: int = 1000
+    compile: bool = False
+    bf16: bool = False            # bf16 autocast
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def split(self, world):
+        """(micro-batch, accumulation steps) per process, or ValueError."""
+        micro = self.micro_batch or self.global_batch // world
+        if micro < 1 or self.global_batch % (world * micro):
+            raise ValueError(f"--global-batch {self.global_batch} must be a multiple of processes ({world}) "
+                             f"x --micro-batch ({micro})")
+        return micro, self.global_batch // (world * micro)
+
+
+def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_steps, start_step,
+          unit="img", per_sample=1, run_args=None):
+    """Optimise `model` for steps start_step..total_steps-1, yielding each step number once the
+    step is done (the caller draws its samples then).
+
+    loss_fn(net, x, y) -> (loss, dict of floats to log), net being model wrapped for compile and
+    DDP; lr_at(step) -> learning rate. A step: for each of the `accum` micro-batches, reseed
+    (step_seed), forward under the autocast, backward of loss / accum (DDP syncs gradients on the
+    last micro-batch only, nanoGPT's no_sync trick); then clip, AdamW, EMA. The losses of all
+    processes are averaged every step (a NaN anywhere stops every process), written to
+    metrics.jsonl, and logged every log_every steps. Every ckpt_every steps and at the end, rank 0
+    writes the checkpoint: model, EMA, optimizer, step, epoch, run_args and RNG states."""
+    import json
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
+    s = settings
+    micro, accum = s.split(run.world)
+    net = torch.compile(model) if s.compile else model
+    if run.world > 1:
+        net = DDP(net, device_ids=[run.device.index] if run.cuda else None)
+    sampler = GlobalBatchSampler(len(dataset), s.global_batch, micro, run.rank, run.world, s.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    pbar = tqdm(total=total_steps, initial=start_step, disable=not run.master, dynamic_ncols=True, unit="step")
+    step, t0, seen, sums, count = start_step, time.time(), 0, {}, 0
+    while step < total_steps:
+        # where this step falls in the data: the epoch, and how many of its batches are done
+        epoch, skip = divmod(step, sampler.steps_per_epoch)
+        sampler.set_epoch(epoch, skip)
+        dataset.set_epoch(epoch)  # per-sample augmentation draws depend on (seed, epoch, index)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
+                                             pin_memory=run.cuda)
+        batches = iter(loader)
+        for _ in range(skip, sampler.steps_per_epoch):
+            if step >= total_steps:
+                break
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logs = {}
+            for m in range(accum):
+                x, y = next_batch(run, batches)
+                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+                torch.manual_seed(step_seed(s.seed, step, run.rank * accum + m))
+                sync = m == accum - 1 or run.world == 1
+                with (nullcontext() if sync else net.no_sync()), run.autocast(s.bf16):
+                    loss, parts = loss_fn(net, x, y)
+                (loss / accum).backward()
+                for k, v in parts.items():
+                    logs[k] = logs.get(k, 0.0) + v / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0 else torch.zeros(())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, model, s.ema_decay)
+            step += 1
+            seen += s.global_batch
+
+            # the losses of all processes, every step: a NaN on any of them stops all at once
+            names = sorted(logs)
+            values = run.mean([logs[k] for k in names] + [float(grad_norm)])
+            logs, gnorm = dict(zip(names, values[:-1])), values[-1]
+            if not all(math.isfinite(v) for v in values):
+                run.fail(f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
+                         f"the last good checkpoint is {run.ckpt_path}: resume with a lower --lr")
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            rate = seen * per_sample / (time.time() - t0)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
+            if run.master:  # one line per step: for plots, and the tests' exact-resume check
+                with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, lr=lr, grad_norm=gnorm, **logs)) + "\n")
+            if step % s.log_every == 0 or step == total_steps:
+                avg = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+                run.log(f"step {step}/{total_steps} epoch {epoch} | {avg} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                        f"{rate:.1f} {unit}/s")
+                sums, count = {}, 0
+            if step % s.ckpt_every == 0 or step == total_steps:
+                if run.master:
+                    save_checkpoint(model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
+                                                     epoch=epoch, args=run_args or {}, rng=rng_state()),
+                                    run.ckpt_path)
+                run.barrier()
+            yield step
+        del batches, loader
+    pbar.close()
+
+
+def next_batch(run, batches):
+    """The next batch; a bad image (corrupt file...) stops the run with the loader's message."""
+    try:
+        return next(batches)
+    except (ValueError, OSError) as e:  # from a worker, the original error is the last line
+        run.fail(str(e).strip().splitlines()[-1])
+
+
+def median_seconds(fn, repeats, cuda=False, warmup=1):
+    """Median wall time of fn() over `repeats` runs after `warmup` runs (compilation, caches)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_gib(cuda):
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def benchmark_training(run, settings, name, model, loss_fn, optimizer, batch, unit, per_sample, steps=10):
+    """Time whole optimizer steps (forward, backward, clip, AdamW) of the real model and loss on a
+    synthetic batch already on the device (no loader, no disk), after warm-up (and compilation).
+    Prints the median, throughput, FLOPs (counted on the eager model) and peak memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = torch.compile(model) if settings.compile else model
+    x, y = batch
+
+    def step():
+        with run.autocast(settings.bf16):
+            loss, _ = loss_fn(net, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:  # one forward and backward of the eager model
+        with run.autocast(settings.bf16):
+            loss, _ = loss_fn(model, x, y)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    med = median_seconds(step, steps, run.cuda, warmup=3)
+    flops = counter.get_total_flops()
+    device = torch.cuda.get_device_name() if run.cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"benchmark {name} | batch {len(x)} | {device} | compile {settings.compile} | "
+          f"median step {med * 1e3:.1f} ms over {steps} | {len(x) * per_sample / med:.1f} {unit}/s | "
+          f"{flops / med / 1e12:.3f} TFLOP/s ({flops / 1e9:.1f} GFLOP per step) | "
+          f"peak memory {peak_memory_gib(run.cuda):.2f} GiB")
+    return med
+
+
+def training_arguments(parser):
+    """The flags both trainers share. Those left unset (None) take the preset's value
+    (fill_run_defaults); --help lists each preset's values."""
+    p = parser
+    p.add_argument("--data", help="ImageFolder directory (root/<class>/<image>) or a built-in name: "
+                   + ", ".join(BUILTIN_DATASETS))
+    p.add_argument("--image-size", type=int, help="crop (or pad) images to this size (default: the preset's)")
+    p.add_argument("--out", help="run directory (default: runs/<preset>)")
+    p.add_argument("--global-batch", type=int, help="images per optimizer step, over all processes")
+    p.add_argument("--micro-batch", type=int, help="images per forward per process; smaller than global "
+                   "batch / processes accumulates gradients (default: no accumulation)")
+    p.add_argument("--epochs", type=float, help="passes over the data (an explicit value wins over the "
+                   "preset's step budget)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (default 0.95)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices and embeddings")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights; 0 disables it")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="the official augmentations; --no-augment: centre crops only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and draws (default 0)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
+                   help="data-loader processes per training process (default: half the cores, at most 4)")
+    p.add_argument("--log-every", type=int, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, help="steps between sample images")
+    p.add_argument("--resume", help="checkpoint to resume from (default: <out>/ckpt.pt when it exists)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on a CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, ~30%% slower")
+    p.add_argument("--benchmark", action="store_true", help="time training steps on synthetic data "
+                   "(batch: --micro-batch, default --global-batch) and exit")
+
+
+def fill_run_defaults(args, defaults):
+    """Give the flags left unset (None) the preset's values, in place. An explicit --epochs drops
+    the preset's step budget (max_steps), so the flag always does what it says."""
+    if args.epochs is not None and args.max_steps is None:
+        defaults = {k: v for k, v in defaults.items() if k != "max_steps"}
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    cuda = torch.cuda.is_available()
+    args.compile = cuda if args.compile is None else args.compile
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.out = args.out or os.path.join("runs", args.preset)
+    return args
+
+
+def presets_help(run_defaults):
+    """The epilog of a trainer's --help: each preset's values of the flags it sets."""
+    lines = ["preset defaults (a flag given on the command line wins):"]
+    for name, d in run_defaults.items():
+        lines.append(f"  {name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()))
+    return "\n".join(lines)
+
+
+def total_steps(max_steps, epochs, n, global_batch):
+    """The run's length in optimizer steps: max_steps, or epochs over n samples."""
+    return max_steps if max_steps else max(1, round(epochs * (n // global_batch)))
+
+
+# The tokenizer's two auxiliary losses (eq. 7) need pretrained networks, loaded here and passed to
+# tokenizer_loss as modules.
+
+def build_lpips(random_init, device):
+    """LPIPS with the VGG16 backbone, as the official training. The lpips package ships its linear
+    heads; the VGG16 weights come from torchvision's download. random_init: a random VGG16 (runs
+    offline; the loss then measures nothing useful)."""
+    import lpips
+    try:
+        net = lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False)
+    except Exception as e:
+        raise RuntimeError(f"LPIPS needs the VGG16 ImageNet weights, which could not be loaded ({e}); "
+                           f"put them in the torch hub cache or train without LPIPS: --lpips-weight 0") from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+class RepaTarget(nn.Module):
+    """Frozen DINOv2 ViT-B/14 patch tokens (B, 256, 768) of the input images: the REPA target.
+    Input: images in [-1, 1] -> [0, 1] -> ImageNet normalisation -> bicubic resize to 224, as the
+    official code. random_init builds a randomly initialised ViT-B/14 of the same shape instead
+    (torchvision's VisionTransformer), for offline smoke tests: the loss runs but means nothing."""
+
+    def __init__(self, random_init):
+        super().__init__()
+        self.random_init = random_init
+        if random_init:
+            from torchvision.models import VisionTransformer
+            self.net = VisionTransformer(image_size=224, patch_size=14, num_layers=12, num_heads=12,
+                                         hidden_dim=768, mlp_dim=3072)
+        else:
+            try:
+                self.net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")
+            except Exception as e:
+                raise RuntimeError(f"REPA needs DINOv2 ViT-B/14 from torch.hub, which could not be loaded "
+                                   f"({e}); put it in the torch hub cache or train without REPA: "
+                                   f"--repa-weight 0") from None
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = ((images.float() + 1) / 2 - self.mean) / self.std
+        x = F.interpolate(x, size=224, mode="bicubic")
+        if not self.random_init:
+            return self.net.forward_features(x)["x_norm_patchtokens"]
+        n = self.net  # torchvision ViT: the encoder's normalised tokens without the class token
+        tokens = n._process_input(x)
+        tokens = torch.cat([n.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return n.encoder(tokens)[:, 1:]
+
+# -----------------------------------------------------------------------------
+# section 16. Sampling and evaluation: loading models, one sampler for sample.py and eval_fid.py
+
+# sample.py and eval_fid.py sample through the same object, so the images of
+# `sample.py --out` and of `eval_fid.py --gpt` are the same images.
+
+def parse_guidance(text):
+    """'1.1,8.0' -> (1.1, 8.0); '4' -> 4.0: the command-line form of the guidance (--cfg).
+    Used as an argparse type, so a bad value stops before any work."""
+    try:
+        vals = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or not all(math.isfinite(v) and v >= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"guidance {text!r}: expected one finite scale >= 0 or 'start,end'")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def latest(pattern):
+    """The newest file matching a glob pattern, or None."""
+    import glob
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs"):
+    """(tokenizer, GPT, their paths) from two checkpoints, ours or official; each defaults to the
+    newest run under runs/. Checked to belong together: the GPT writes the tokenizer's codes."""
+    tok_path = tokenizer or latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
+    gpt_path = gpt or latest(os.path.join(runs, "GPT*", "ckpt.pt"))
+    if not tok_path or not gpt_path:
+        raise CheckpointError(f"no checkpoints given and none found under {runs}/: pass --tokenizer and --gpt")
+    tok = Tokenizer.from_checkpoint(tok_path).to(device)
+    gpt_model = GPT.from_checkpoint(gpt_path, block_size=tok.cfg.num_tokens).to(device)
+    if gpt_model.cfg.vocab_size != tok.cfg.codebook_size:
+        raise CheckpointError(f"{gpt_path} predicts {gpt_model.cfg.vocab_size} codes but {tok_path} has a "
+                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
+    if gpt_model.cfg.block_size != tok.cfg.num_tokens:
+        raise CheckpointError(f"{gpt_path} writes {gpt_model.cfg.block_size} tokens but {tok_path} uses "
+                              f"{tok.cfg.num_tokens}: they do not belong together")
+    return tok, gpt_model, (tok_path, gpt_path)
+
+
+def class_balanced_labels(n, num_classes):
+    """Sample i has class i mod C: every class n / C times (50 each for 50K ImageNet samples)."""
+    return torch.arange(n) % num_classes
+
+
+def batch_seed(seed, first):
+    """The seed of the batch that starts at sample `first`: its draws never depend on the batches
+    before it, so a batch can be redone alone, on any process."""
+    return seed * 1_000_003 + first
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample: the AR model's draws, the decoder's ODE, and the arithmetic."""
+    guidance: object = 1.0        # a scale, or (start, end) of a linear schedule over the tokens
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sampler: str = "adams2"       # the decoder's ODE solver: adams2 or euler
+    steps: Optional[int] = None   # decoder steps; None: one per group (K)
+    bf16: bool = False            # bf16 Llama weights and bf16 autocast for the decoder
+    compile: bool = False         # torch.compile the DiT and the one-token step
+
+
+class Sampler:
+    """A tokenizer and a GPT made ready to sample with SamplingSettings.
+
+    bf16 halves the weights the Llama reads at every token step. compile wraps (never replaces)
+    the pixel DiT and the one-token decode step in torch.compile: on a GPU the step becomes a
+    CUDA graph (gpt-fast: static KV cache, mode="reduce-overhead"); on a CPU, fused C++ kernels
+    around the matrix products. dit_seconds adds up the time spent in the DiT."""
+
+    def __init__(self, tok, gpt, settings, device):
+        self.tok, self.settings, self.device = tok, settings, torch.device(device)
+        self.gpt = gpt.to(torch.bfloat16) if settings.bf16 else gpt
+        self.dit, self.decode_fn = tok.dit, decode_one_token
+        if settings.compile:
+            self.dit = torch.compile(tok.dit)
+            self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
+                                           mode="reduce-overhead" if self.device.type == "cuda" else "default")
+        self.dit_seconds = 0.0
+
+    def timed_dit(self, *args):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = self.dit(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        self.dit_seconds += time.perf_counter() - t
+        return out
+
+    def __call__(self, labels, noise=None, prefix=None):
+        """generate_images with these settings -> tokens (B, N) and the previews (B, 3, H, W),
+        float32, after each decoder step (the last one is the image)."""
+        s, previews = self.settings, []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+            for tokens, state in generate_images(self.gpt, self.tok, labels.to(self.device), noise, s.sampler,
+                                                 s.steps, self.timed_dit, guidance=s.guidance,
+                                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                                 prefix=prefix, decode_fn=self.decode_fn):
+                previews.append(state.preview.float())
+        return tokens, previews
+
+    def batch(self, first, labels, seed):
+        """The images (uint8 (B, H, W, 3)) of the batch of samples first.. with these labels, drawn
+        from batch_seed(seed, first): what sample.py --out writes and eval_fid.py --gpt scores."""
+        torch.manual_seed(batch_seed(seed, first))
+        return to_uint8(self(labels)[1][-1])

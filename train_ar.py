@@ -2,22 +2,21 @@
 Train the D-AR autoregressive model (stage 2): an unmodified Llama over the tokenizer's codes.
 
     python train_ar.py --preset GPT-small --tokenizer runs/tokenizer_small/ckpt.pt   # Fashion-MNIST, CPU
-    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer D-AR-tokenizer_v1.pt \
+    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer D-AR-tokenizer_v1.pt \\
         --data /data/imagenet/train
 
-Cross-entropy on the N = 256 tokens given the class (dropped to the null class with p = 0.1, for
-classifier-free guidance). Paper settings (LlamaGen / RandAR recipe): AdamW 4e-4, betas (0.9,
-0.95), weight decay 0.05 on matrices and embeddings, batch 1024, 300 epochs with the learning
-rate decaying linearly to 1e-5 over the last 50, clip 1.0, bf16. Augmentation: centre crop at
-1.1x, then one of ten crops (four corners, centre, and their mirror images).
+The loss is eq. 6's cross-entropy on the N = 256 tokens given the class, the class dropped to the
+null class with p = 0.1 for classifier-free guidance (dar.ar_loss). Paper settings (LlamaGen's
+recipe), the defaults of the GPT-B/L/XL/XXL presets: AdamW 4e-4, betas (0.9, 0.95), weight decay
+0.05 on matrices and embeddings, batch 1024, 300 epochs with the learning rate decaying linearly
+to 1e-5 over the last 50, clip 1.0, bf16. Augmentation: centre crop at 1.1x, then one of ten crops
+(four corners, centre, and their mirror images).
 
 The tokenizer (ours or the official D-AR-tokenizer_v1.pt) is frozen. Rather than encoding every
 image at every step, the codes of all ten crops of every image are extracted once (in parallel
 over the processes) into a compact int16 array under --codes-dir, reused by later epochs and
 later runs; each step then reads one of the ten views per image. --online-encode encodes on the
 fly instead (the official way: slower, but needs no disk).
-
-Run directory, checkpoints, resume and the training loop are those of train_tokenizer.py.
 """
 
 import argparse
@@ -28,16 +27,49 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import dar
-from train_tokenizer import (Augment, Run, add_common_args, benchmark, finish_args, make_optimizer, next_batch,
-                             prepare, train)
+
+# Run settings per preset: the paper's for the paper's sizes; GPT-small is what 2 CPU cores afford
+# in about 10 minutes (one view per image: the ten-crop extraction of 60K images would take 20 more).
+RUN_DEFAULTS = {
+    **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
+               ema_decay=0.0, cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
+       for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
+    "GPT-small": dict(data="fashion-mnist", global_batch=64, max_steps=1000, lr=1e-3, weight_decay=0.05,
+                      decay_epochs=0.5, ema_decay=0.99, cfg=1.5, augment=False, log_every=50, ckpt_every=200,
+                      sample_every=400),
+    "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,
+                     ema_decay=0.9, cfg=1.0, augment=True, log_every=50, ckpt_every=1000, sample_every=1000),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=dar.presets_help(RUN_DEFAULTS))
+    p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS),
+                   help="model size and run settings (default GPT-small)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one); required")
+    dar.training_arguments(p)
+    p.add_argument("--class-dropout", type=float, help="p of the null class, for guidance (default: the "
+                   "model config's, 0.1)")
+    p.add_argument("--decay-epochs", type=float, help="linear decay to 1e-5 over the last epochs (50 of 300)")
+    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number")
+    p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
+                   "of pre-extracting the codes")
+    p.add_argument("--codes-dir", help="where extracted codes are cached (default: runs/codes)")
+    p.add_argument("--extract-batch", type=int, default=64, help="images per forward during extraction (default 64)")
+    p.add_argument("--tokens", type=int, default=256, help="--benchmark only: sequence length (default 256)")
+    p.add_argument("--vocab", type=int, default=16384, help="--benchmark only: codebook size (default 16384)")
+    args = p.parse_args(argv)
+    args = dar.fill_run_defaults(args, RUN_DEFAULTS[args.preset])
+    args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
+    return args
+
 
 # -----------------------------------------------------------------------------
 # Codes: extracted once, one of ten views per sample
-
 
 def views(img, size, augment):
     """The AR augmentation's candidate crops of one PIL image: centre crop at 1.1x then the ten
@@ -73,8 +105,9 @@ def codes_cache_path(args, n_images, n_views):
 
 @torch.no_grad()
 def extract_codes(run, args, tok, dataset):
-    """All views of all images through the tokenizer encoder -> (M, V, N) int16 .npy (memory-mapped).
-    Each process encodes its share and writes its rows; the file is complete once a marker exists."""
+    """All views of all images through the tokenizer's encoder -> (M, V, N) int16 .npy, memory
+    mapped. Each process encodes its share and writes its rows; the file is complete once a
+    marker file exists next to it."""
     n_views = 10 if args.augment else 1
     path = codes_cache_path(args, len(dataset), n_views)
     done = path + ".done"
@@ -88,19 +121,20 @@ def extract_codes(run, args, tok, dataset):
         np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(dataset), n_views, N)).flush()
     run.barrier()
     out = np.load(path, mmap_mode="r+")
-    mine = list(range(run.rank, len(dataset), run.world))
+    mine = list(range(run.rank, len(dataset), run.world))  # process r encodes images r, r + world, ...
     loader = torch.utils.data.DataLoader(ViewsOf(dataset, mine, args.image_size, args.augment),
                                          batch_size=max(1, args.extract_batch // n_views),
                                          num_workers=args.workers, pin_memory=run.cuda)
     batches = iter(loader)
     for _ in tqdm(range(len(loader)), desc="extracting codes", disable=not run.master, dynamic_ncols=True):
-        idx, x = next_batch(run, batches)
+        idx, x = dar.next_batch(run, batches)
         codes = tok.encode(x.flatten(0, 1).to(run.device))                  # (B * V, N)
         out[idx.numpy()] = codes.view(len(idx), n_views, N).cpu().numpy().astype(dtype)
     out.flush()
     run.barrier()
     if run.master:
-        open(done, "w").write(json.dumps(dict(tokenizer=args.tokenizer, data=args.data, shape=out.shape)))
+        with open(done, "w") as f:
+            f.write(json.dumps(dict(tokenizer=args.tokenizer, data=args.data, shape=out.shape)))
         run.log(f"codes: wrote {path} {out.shape}")
     return np.load(path, mmap_mode="r")
 
@@ -111,6 +145,9 @@ class CodeDataset(torch.utils.data.Dataset):
     def __init__(self, codes, labels, seed):
         self.codes, self.labels, self.seed, self.epoch = codes, labels, seed, 0
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     def __len__(self):
         return len(self.labels)
 
@@ -119,126 +156,98 @@ class CodeDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.codes[i, v].astype(np.int64)), self.labels[i]
 
 
-# -----------------------------------------------------------------------------
-
-class ARLoss:
-    """Cross-entropy of the N next-token predictions; labels dropped to the null class with p."""
-
-    def __init__(self, gpt_cfg, class_dropout, tok=None):
-        self.cfg, self.p, self.tok = gpt_cfg, class_dropout, tok
-
-    def __call__(self, model, x, labels):
-        codes = self.tok.encode(x) if self.tok is not None else x               # (B, N)
-        drop = torch.rand(labels.shape, device=labels.device) < self.p
-        labels = torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
-        logits = model(codes, labels)                                             # (B, N, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
-        return loss, dict(loss=loss.item())
-
-
 @torch.no_grad()
-def save_samples(gpt, tok, classes, path, cfg, per_class=4, seed=0):
+def save_samples(gpt, tok, path, guidance, seed, per_class=4):
     """One row per class (up to 10 classes), per_class samples each, from a fixed seed."""
     gpt.eval()
     torch.manual_seed(seed)
     device = next(gpt.parameters()).device
-    labels = torch.arange(min(10, classes), device=device).repeat_interleave(per_class)
-    tokens = dar.generate(gpt, labels, tok.cfg.num_tokens, cfg=cfg)
+    labels = torch.arange(min(10, gpt.cfg.num_classes), device=device).repeat_interleave(per_class)
+    tokens = dar.generate(gpt, labels, tok.cfg.num_tokens, guidance=guidance)
     dar.save_grid(tok.decode(tokens), path, nrow=per_class)
     gpt.train()
 
 
-RUN_DEFAULTS = {
-    **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
-               ema_decay=0.0, cfg="1.1,8.0", augment=True) for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
-    "GPT-small": dict(data="fashion-mnist", global_batch=64, epochs=3, max_steps=1000, lr=1e-3,
-                      weight_decay=0.05, decay_epochs=0.5, ema_decay=0.99, cfg="1.5", augment=False,
-                      log_every=50, ckpt_every=200, sample_every=400),
-    "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,
-                     ema_decay=0.9, cfg="1.0", augment=True),
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS))
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one)")
-    p.add_argument("--tokens", type=int, default=256, help="--benchmark only: sequence length")
-    p.add_argument("--vocab", type=int, default=16384, help="--benchmark only: codebook size")
-    add_common_args(p)
-    p.add_argument("--class-dropout", type=float, default=0.1, help="p of the null class (for CFG)")
-    p.add_argument("--decay-epochs", type=float, help="linear decay to 1e-5 over the last epochs (50 of 300)")
-    p.add_argument("--cfg", help="guidance for the sample grids: 'start,end' or one number")
-    p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
-                   "of pre-extracting the codes")
-    p.add_argument("--codes-dir", help="where extracted codes are cached (default: runs/codes)")
-    p.add_argument("--extract-batch", type=int, default=64, help="images per forward during extraction")
-    args = p.parse_args(argv)
-    args = finish_args(args, RUN_DEFAULTS[args.preset])
-    args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
-    return args
-
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(args)
+    settings = dar.TrainSettings.from_dict(vars(args))
+    run = dar.Run(args.out)
+    gpt_overrides = {} if args.class_dropout is None else dict(class_dropout=args.class_dropout)
+
+    def loss_fn(net, codes, labels):  # eq. 6, with class dropout for guidance
+        loss = dar.ar_loss(net, codes, labels, cfg.class_dropout, cfg.num_classes)
+        return loss, dict(loss=loss.item())
+
     if args.benchmark:  # synthetic codes: no tokenizer needed
-        cfg = dar.gpt_config(args.preset, vocab_size=args.vocab, block_size=args.tokens)
-        torch.manual_seed(0)
-        model = dar.GPT(cfg).to(run.device).train()
+        cfg = dar.gpt_config(args.preset, vocab_size=args.vocab, block_size=args.tokens, **gpt_overrides)
+        model = dar.new_model(lambda: dar.GPT(cfg), 0, run.device, 0)[0].train()
         model.grad_checkpointing = args.grad_checkpointing
         B = args.micro_batch or args.global_batch
-        return benchmark(run, args, model, ARLoss(cfg, args.class_dropout), make_optimizer(model, args, run.cuda),
-                         lambda: (torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=run.device),
-                                  torch.randint(0, cfg.num_classes, (B,), device=run.device)), "tok", cfg.block_size)
+        batch = (torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=run.device),
+                 torch.randint(0, cfg.num_classes, (B,), device=run.device))
+        optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
+        return dar.benchmark_training(run, settings, args.preset, model, loss_fn, optimizer, batch, "tok",
+                                      cfg.block_size)
+
+    # the frozen tokenizer and the data
     if not args.tokenizer:
         run.fail("--tokenizer is required")
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
     try:
         tok = dar.Tokenizer.from_checkpoint(args.tokenizer).to(run.device).requires_grad_(False)
-        dataset = dar.build_dataset(args.data)
+        images = dar.build_dataset(args.data, seed=args.seed)
+        micro, accum = settings.split(run.world)
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
     if args.image_size and args.image_size != tok.cfg.image_size:
         run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
     args.image_size = args.image_size or tok.cfg.image_size
     cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
-                         num_classes=len(dataset.classes))
+                         num_classes=len(images.classes), **gpt_overrides)
 
+    # what a step reads: stored codes of one view per image, or images encoded on the fly
     if args.online_encode:
-        def crop(img, rng):
-            return rng.choice(views(img, args.image_size, args.augment))
-        dataset.transform = augment = Augment(crop, args.seed)
-        loss_fn = ARLoss(cfg, args.class_dropout, tok)
+        def transform(img, rng):
+            return dar.to_tensor(rng.choice(views(img, args.image_size, args.augment)))
+        images.transform = transform
+        dataset = images
+
+        def step_loss(net, x, labels):
+            return loss_fn(net, tok.encode(x), labels)
     else:
-        codes = extract_codes(run, args, tok, dataset)
-        dataset = augment = CodeDataset(codes, dataset.labels, args.seed)
-        loss_fn = ARLoss(cfg, args.class_dropout)
+        dataset = CodeDataset(extract_codes(run, args, tok, images), images.labels, args.seed)
+        step_loss = loss_fn
 
-    model, ema, optimizer, start, total = prepare(
-        run, args, lambda: dar.GPT(cfg), "dar.gpt", len(dataset),
-        f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)")
+    model, ema = dar.new_model(lambda: dar.GPT(cfg), args.seed, run.device, args.ema_decay)
     model.grad_checkpointing = args.grad_checkpointing
-    steps_per_epoch = len(dataset) // args.global_batch
-    decay_start = max(0, total - round(args.decay_epochs * steps_per_epoch))
+    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
+    start = run.resume(model, ema, optimizer, "dar.gpt", args.resume, args.no_resume)
+    total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
+    run.log(f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes): "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} images | "
+            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
+            f"{total} steps | device {run.device}")
 
-    def lr_at(step):  # constant, then linear to 1e-5 over the last decay_epochs
+    # the paper's schedule: constant, then linear to 1e-5 over the last decay_epochs
+    decay_start = max(0, total - round(args.decay_epochs * (len(dataset) // args.global_batch)))
+
+    def lr_at(step):
         if step < decay_start:
             return args.lr
         p = (step - decay_start) / max(total - decay_start, 1)
         return args.lr * (1 - p) + 1e-5 * p
 
-    def on_sample(step):
-        save_samples(ema or model, tok, cfg.num_classes, os.path.join(run.out, "samples", f"ar_{step:07d}.png"),
-                     dar.parse_guidance(args.cfg), seed=args.seed)
-
     model.train()
-    train(run, args, model, ema, optimizer, dataset, augment, loss_fn, lr_at, total, start,
-          units=("tok", cfg.block_size), on_sample=on_sample)
+    for step in dar.train(run, settings, model, ema, optimizer, dataset, step_loss, lr_at, total, start,
+                          unit="tok", per_sample=cfg.block_size, run_args=vars(args)):
+        if run.master and (step % args.sample_every == 0 or step == total):
+            save_samples(ema or model, tok, os.path.join(run.out, "samples", f"ar_{step:07d}.png"), args.cfg,
+                         args.seed)
     run.log(f"done: {run.ckpt_path}")
-    if run.world > 1:
-        torch.distributed.destroy_process_group()
+    run.finish()
 
 
 if __name__ == "__main__":
