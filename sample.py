@@ -66,14 +66,18 @@ def parse_args(argv=None):
     p.add_argument("--gpt-preset", default="GPT-L", help="--benchmark: GPT size (default GPT-L)")
     p.add_argument("--repeats", type=int, default=5, help="--benchmark: timed runs (median) after one warm-up (default 5)")
     args = p.parse_args(argv)
+    # bf16 and compile pay off on GPUs (tensor cores, CUDA graphs); on a CPU they are opt-in
     cuda = torch.cuda.is_available()
     args.bf16 = cuda if args.bf16 is None else args.bf16
     args.compile = cuda if args.compile is None else args.compile
+    # each mode its own file, so the README's commands do not overwrite each other's output
     args.grid = args.grid or ("preview.png" if args.preview else "layout.png" if args.layout else "sample.png")
     return args
 
 
 def settings_of(args):
+    """The flags that decide what is drawn, as dar.SamplingSettings (eval_fid.py --gpt builds the
+    same from the same flags)."""
     return dar.SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
                                 compile=args.compile)
@@ -88,6 +92,9 @@ def bulk(args, sampler, num_classes):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     os.makedirs(args.out, exist_ok=True)
     B, n = args.batch_size, args.num_samples
+    # batch j holds samples jB..(j+1)B-1 and process r takes batches r, r + world, ...; a batch's
+    # draws come from its own seed (dar.batch_seed), so which process makes it, and whether it is
+    # made now or after a restart, does not change its images
     batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
     todo = [b for b in batches[rank::world] if not all(os.path.exists(png(args.out, i)) for i in b)]
     labels = dar.class_balanced_labels(n, num_classes)
@@ -97,8 +104,8 @@ def bulk(args, sampler, num_classes):
         for i, img in zip(b, sampler.batch(b[0], labels[b[0]:b[-1] + 1], args.seed)):
             Image.fromarray(img).save(png(args.out, i))
     if world > 1:
-        dist.barrier()
-    if rank == 0:
+        dist.barrier()  # every process's PNGs are written before rank 0 reads them all
+    if rank == 0:  # the .npz is built from the PNGs, so it also holds those of earlier runs
         images = np.stack([np.asarray(Image.open(png(args.out, i)).convert("RGB"))
                            for i in tqdm(range(n), desc="building .npz", dynamic_ncols=True)])
         path = args.out.rstrip("/") + ".npz"
@@ -119,6 +126,8 @@ def benchmark(args, device):
     codes = torch.randint(0, tok.cfg.codebook_size, (B, N), device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    # the two halves alone (the Llama writing N tokens; the decoder's K steps on known codes), then
+    # the streamed whole, which interleaves them
     t_ar = dar.median_seconds(lambda: list(dar.generate_stream(sampler.gpt, labels, N, guidance=args.cfg,
                                                                decode_fn=sampler.decode_fn)), args.repeats, cuda)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -164,7 +173,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     tokens, previews = sampler(labels, prefix=prefix)
     total, n = time.perf_counter() - t0, len(labels)
-    ar = total - sampler.dit_seconds
+    ar = total - sampler.dit_seconds  # the sampler times its DiT calls; the rest is the Llama's
     print(f"{n} images in {total:.2f} s ({n / total:.2f} images/s): AR tokens {ar:.2f} s "
           f"({n * tok.cfg.num_tokens / max(ar, 1e-9):.0f} tokens/s), pixel DiT {sampler.dit_seconds:.2f} s")
 

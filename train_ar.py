@@ -172,8 +172,9 @@ def save_samples(gpt, tok, path, guidance, seed, per_class=4):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = dar.TrainSettings.from_dict(vars(args))
-    run = dar.Run(args.out)
+    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
+    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
+    # --class-dropout sets the config's field, which the loss reads and the checkpoint keeps
     gpt_overrides = {} if args.class_dropout is None else dict(class_dropout=args.class_dropout)
 
     def loss_fn(net, codes, labels):  # eq. 6, with class dropout for guidance
@@ -205,6 +206,8 @@ def main(argv=None):
     if args.image_size and args.image_size != tok.cfg.image_size:
         run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
     args.image_size = args.image_size or tok.cfg.image_size
+    # the Llama's vocabulary is the tokenizer's codebook and its sequence the tokenizer's N tokens;
+    # the class table has one row per class folder (+ the null class)
     cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
                          num_classes=len(images.classes), **gpt_overrides)
 
@@ -221,6 +224,7 @@ def main(argv=None):
         dataset = CodeDataset(extract_codes(run, args, tok, images), images.labels, args.seed)
         step_loss = loss_fn
 
+    # model, EMA and optimizer; resumed from the run's checkpoint when there is one
     model, ema = dar.new_model(lambda: dar.GPT(cfg), args.seed, run.device, args.ema_decay)
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
@@ -240,6 +244,7 @@ def main(argv=None):
         p = (step - decay_start) / max(total - decay_start, 1)
         return args.lr * (1 - p) + 1e-5 * p
 
+    # the loop: dar.train does the steps, logging and checkpoints; the sample grids are drawn here
     model.train()
     for step in dar.train(run, settings, model, ema, optimizer, dataset, step_loss, lr_at, total, start,
                           unit="tok", per_sample=cfg.block_size, run_args=vars(args)):

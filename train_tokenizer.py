@@ -103,12 +103,12 @@ def fixed_images(dataset, size, n=8):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = dar.TrainSettings.from_dict(vars(args))
+    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
     cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
     if args.repa_weight <= 0:
         cfg.repa_dim = 0  # no REPA projector to train
     args.image_size = size = cfg.image_size
-    run = dar.Run(args.out)
+    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
 
     if args.benchmark:  # synthetic images, random loss backbones: the same compute, no download
         args.loss_backbones = "random"
@@ -133,12 +133,13 @@ def main(argv=None):
     try:
         dataset = dar.build_dataset(args.data, transform, seed=args.seed)
         loss_fn = TokenizerLoss(args, run.device, cfg.codebook_size)
-        micro, accum = settings.split(run.world)
-        fixed = fixed_images(dataset, size).to(run.device)
+        micro, accum = settings.split(run.world)    # checked now, not after the model is built
+        fixed = fixed_images(dataset, size).to(run.device)  # the images every sample step shows
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
 
-    # model, EMA and optimizer; resumed from the run's checkpoint when there is one
+    # model, EMA and optimizer; resumed from the run's checkpoint when there is one (then the step,
+    # the learning rate, the data order and the random draws go on as if never interrupted)
     model, ema = dar.new_model(lambda: dar.Tokenizer(cfg), args.seed, run.device, args.ema_decay)
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
@@ -148,14 +149,18 @@ def main(argv=None):
             f"{len(dataset)} images | {run.world} process(es) x micro-batch {micro} x {accum} accumulation = "
             f"{args.global_batch} | {total} steps | device {run.device}")
 
-    # the paper's schedule: linear warm-up, then constant
+    # the paper's schedule: linear warm-up, then constant (the official run never decays: the EMA
+    # weights do the averaging a decay would)
     def lr_at(step):
         return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
+    # the loop: dar.train does the steps, logging and checkpoints, and hands back each step number;
+    # what to look at now and then is this script's business
     model.train()
     for step in dar.train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total, start,
                           run_args=vars(args)):
         if run.master and (step % args.sample_every == 0 or step == total):
+            # the EMA weights are the ones that get saved for sampling: show what they do
             samples = os.path.join(run.out, "samples")
             save_samples(ema or model, fixed, os.path.join(samples, f"recon_{step:07d}.png"),
                          os.path.join(samples, f"preview_{step:07d}.png"))
