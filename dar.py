@@ -96,9 +96,12 @@ class TokenizerConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        assert self.num_tokens % self.num_groups == 0, "N must split into K equal groups"
-        assert self.num_tokens <= self.max_tokens
-        assert self.image_size % self.patch_size == 0 and self.image_size % self.dit_patch_size == 0
+        if self.num_tokens % self.num_groups or self.num_tokens > self.max_tokens:
+            raise ValueError(f"{self.num_tokens} tokens must split into {self.num_groups} equal groups and "
+                             f"fit the {self.max_tokens} query rows")
+        if self.image_size % self.patch_size or self.image_size % self.dit_patch_size:
+            raise ValueError(f"image size {self.image_size} must be a multiple of the encoder's patch "
+                             f"({self.patch_size}) and the DiT's ({self.dit_patch_size})")
 
     @property
     def group_size(self):  # N / K tokens per diffusion step (32 for tokenizer_v1)
@@ -1328,7 +1331,11 @@ def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
         cfg = gpt_config_from_weights(sd, block_size or 256)
     else:
         raise _wrong_kind(path, kind, "GPT")
-    return _load_weights(GPT(cfg), sd, path).to(map_location)
+    gpt = _load_weights(GPT(cfg), sd, path).to(map_location)
+    # what our trainer records beside the weights (None in the official files): the fingerprint of
+    # the tokenizer whose codes it learned, and the class names
+    gpt.tokenizer, gpt.classes = ckpt.get("tokenizer"), ckpt.get("classes")
+    return gpt
 
 # -----------------------------------------------------------------------------
 # section 14. Images and datasets
@@ -1343,10 +1350,16 @@ FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "san
 
 
 def load_image(path):
-    """An RGB PIL image (grayscale and palette images become 3-channel); a clear error otherwise."""
+    """An RGB PIL image (grayscale and palette images become 3-channel); a clear error otherwise.
+    16-bit grey images are scaled to 8 bits (PIL's convert would clip them at 255)."""
+    import numpy as np
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # "I;16..." (16-bit) or "I" (32-bit int, how some 16-bit PNGs open)
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                im = Image.fromarray((a * (255.0 / top)).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for a bad file: one line that names it
         raise ValueError(f"cannot read image {path}: {e}") from None
@@ -1473,6 +1486,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def drop(self, paths):
+        """Leave these files out (unreadable images the run was told to skip)."""
+        keep = [i for i, f in enumerate(self.files) if f not in set(paths)]
+        self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+
     def __len__(self):
         return len(self.labels)
 
@@ -1527,6 +1545,31 @@ def build_dataset(data, transform=None, train=True, seed=0):
     if data in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[data](train=train, transform=transform, seed=seed)
     return ImageDataset.folder(data, transform, seed)
+
+
+def scan_images(dataset, size, threads=4):
+    """Check every image of a dataset once, before training: (unreadable files as (path, reason),
+    how many images are smaller than size). Headers and checksums only (PIL's verify), in threads:
+    a few seconds for tens of thousands of files. A bad file found here costs nothing; met at
+    step 31, it would stop every resumed run at the same step, the data order being fixed."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    if dataset.files is None:  # in-memory arrays (N, H, W): readable, one size
+        return [], len(dataset) if min(dataset.arrays.shape[1:3]) < size else 0
+
+    def check(path):
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                im.verify()
+            return None, min(w, h) < size
+        except Exception as e:
+            return (path, str(e).splitlines()[0] if str(e) else type(e).__name__), False
+    from tqdm import tqdm
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(tqdm(pool.map(check, dataset.files), total=len(dataset.files), desc="checking images",
+                            disable=len(dataset.files) < 5000, dynamic_ncols=True))
+    return [bad for bad, _ in results if bad], sum(small for _, small in results)
 
 
 def write_npz(path, images, labels):
@@ -1626,14 +1669,50 @@ def setup_distributed():
 class Run:
     """One training run as one process sees it: rank, world size, device, and the run directory
     out/ (ckpt.pt, log.txt, metrics.jsonl, samples/). Rank 0 writes the files; every process takes
-    part in the collectives (barrier, mean)."""
+    part in the collectives (barrier, mean).
+
+    open() takes the directory: creates it, locks it (one run per directory at a time; the lock
+    goes with the process, so a crash leaves none) and removes the temporary file of a save that
+    a kill interrupted. A run that fails before its first step removes the directory it created,
+    so a mistyped flag leaves nothing behind."""
 
     def __init__(self, out):
         self.rank, self.world, self.device = setup_distributed()
         self.master, self.out, self.cuda = self.rank == 0, out, self.device.type == "cuda"
         self.ckpt_path = os.path.join(out, "ckpt.pt")
+        self.opened = self.created = self.stepped = False
+        self.lock, self.pending = None, []  # log lines from before open(), written to log.txt then
+
+    def open(self):
         if self.master:
-            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            self.created = not os.path.exists(self.out)
+            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+            self.lock = open(os.path.join(self.out, ".lock"), "a+")
+            try:
+                import fcntl
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # no fcntl (Windows): no lock
+                pass
+            except OSError:
+                self.lock.seek(0)
+                owner = self.lock.read().strip() or "?"
+                self.lock.close()
+                self.lock = None
+                self.fail(f"{self.out} is in use by another run (process {owner}); wait for it to end, or "
+                          f"train into another --out")
+            self.lock.seek(0)
+            self.lock.truncate()
+            self.lock.write(str(os.getpid()))
+            self.lock.flush()
+            for f in os.listdir(self.out):  # what a save killed half way left (save_checkpoint)
+                if f.startswith(".tmp_") and f.endswith(".pt"):
+                    os.remove(os.path.join(self.out, f))
+            self.opened = True
+            import signal
+            if threading_main():  # kill (SIGTERM) ends the run as Ctrl-C does: one line, files closed
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
+            for msg in self.pending:
+                self.write_log(msg)
         self.barrier()
 
     def barrier(self):
@@ -1648,46 +1727,93 @@ class Run:
             t /= self.world
         return t.tolist()
 
+    def write_log(self, msg):
+        with open(os.path.join(self.out, "log.txt"), "a") as f:
+            f.write(msg + "\n")
+
     def log(self, msg):
         """Print (above the progress bar) and append to log.txt, on rank 0."""
         if not self.master:
             return
         from tqdm import tqdm
         tqdm.write(msg)
-        with open(os.path.join(self.out, "log.txt"), "a") as f:
-            f.write(msg + "\n")
+        if self.opened:
+            self.write_log(msg)
+        else:
+            self.pending.append(msg)
 
     def fail(self, msg):
-        """Stop every process with one line: the reason, logged."""
-        self.log(f"error: {msg}")
-        if self.world > 1:
-            torch.distributed.destroy_process_group()
-        sys.exit(f"error: {msg}")
+        """Stop every process with one line: the reason (printed once, by rank 0; in log.txt too)."""
+        if self.master and self.opened:
+            if self.created and not self.stepped:  # nothing worth keeping: leave no stub directory
+                import shutil
+                self.close()
+                shutil.rmtree(self.out, ignore_errors=True)
+            else:
+                self.write_log(f"error: {msg}")
+        self.finish()
+        sys.exit(f"error: {msg}" if self.master else 1)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
+            self.lock = None
+        self.opened = False
 
     def finish(self):
-        if self.world > 1:
+        self.close()
+        if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     def autocast(self, bf16):
         """bf16 autocast on this run's device when bf16 is on, else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    def resume(self, model, ema, optimizer, kind, path=None, fresh=False):
+    def resume(self, model, ema, optimizer, kind, path=None, fresh=False, run_args=None):
         """Restore model, EMA, optimizer and RNG states from path (or the run's own ckpt.pt when it
-        exists) and return the step to go on from; 0 for a new run (or with fresh=True)."""
+        exists) and return the step to go on from; 0 for a new run (or with fresh=True). The stored
+        settings must be this run's (run_args), but for those RESUME_MAY_CHANGE; metrics.jsonl
+        loses the lines of steps after the checkpoint, which the resumed run writes again."""
         path = path or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
+        metrics = os.path.join(self.out, "metrics.jsonl")
         if path is None or fresh:
+            if fresh and self.master and os.path.exists(self.ckpt_path):
+                self.log(f"starting afresh in {self.out} (--no-resume): its ckpt.pt and metrics.jsonl are replaced")
+                if os.path.exists(metrics):
+                    os.remove(metrics)
             return 0
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            self.fail(str(e))
         if ckpt.get("kind") != kind or "optimizer" not in ckpt:
             self.fail(f"{path} is not a {kind} training checkpoint to resume from")
+        changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {v})" for k, v in (run_args or {}).items()
+                   if k in ckpt.get("args", {}) and k not in RESUME_MAY_CHANGE and ckpt["args"][k] != v]
+        if changed:
+            self.fail(f"{path} was trained with other settings: {', '.join(changed)}; run with the same "
+                      f"settings to resume it, or start afresh with --no-resume or another --out")
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
+        if self.master and os.path.exists(metrics):
+            import json
+            with open(metrics) as f:
+                lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(metrics + ".tmp", metrics)
         self.log(f"resuming from {path} at step {ckpt['step']}")
         return ckpt["step"]
+
+
+# what may differ between a run and its resumption: where things go and how fast they run, how
+# long it trains (a longer --max-steps or --epochs goes on training), not what is learned
+RESUME_MAY_CHANGE = {"out", "resume", "no_resume", "workers", "threads", "log_every", "ckpt_every", "sample_every",
+                     "compile", "grad_checkpointing", "benchmark", "max_steps", "epochs", "micro_batch", "codes_dir",
+                     "extract_batch", "skip_bad_images", "init_from"}
 
 
 def rng_state():
@@ -1789,17 +1915,20 @@ class TrainSettings:
     def from_dict(cls, d):
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    def split(self, world):
-        """(micro-batch, accumulation steps) per process, or ValueError."""
+    def split(self, world, n=None):
+        """(micro-batch, accumulation steps) per process, or ValueError; n: the data set's size,
+        which must hold one global batch."""
         micro = self.micro_batch or self.global_batch // world
         if micro < 1 or self.global_batch % (world * micro):
             raise ValueError(f"--global-batch {self.global_batch} must be a multiple of processes ({world}) "
                              f"x --micro-batch ({micro})")
+        if n is not None and n < self.global_batch:
+            raise ValueError(f"--global-batch {self.global_batch} is larger than the data set ({n} images)")
         return micro, self.global_batch // (world * micro)
 
 
 def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_steps, start_step,
-          unit="img", per_sample=1, run_args=None):
+          unit="img", per_sample=1, run_args=None, ckpt_extra=None):
     """Optimise `model` for steps start_step..total_steps-1, yielding each step number once the
     step is done (the caller draws its samples then).
 
@@ -1809,7 +1938,8 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
     last micro-batch only, nanoGPT's no_sync trick); then clip, AdamW, EMA. The losses of all
     processes are averaged every step (a NaN anywhere stops every process), written to
     metrics.jsonl, and logged every log_every steps. Every ckpt_every steps and at the end, rank 0
-    writes the checkpoint: model, EMA, optimizer, step, epoch, run_args and RNG states."""
+    writes the checkpoint: model, EMA, optimizer, step, epoch, run_args, RNG states and ckpt_extra.
+    Ctrl-C (or SIGTERM) ends the run with one line that says where it can resume from."""
     import json
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
@@ -1823,69 +1953,108 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
 
     pbar = tqdm(total=total_steps, initial=start_step, disable=not run.master, dynamic_ncols=True, unit="step")
     step, t0, seen, sums, count = start_step, time.time(), 0, {}, 0
-    while step < total_steps:
-        # where this step falls in the data: the epoch, and how many of its batches are done
-        epoch, skip = divmod(step, sampler.steps_per_epoch)
-        sampler.set_epoch(epoch, skip)
-        dataset.set_epoch(epoch)  # per-sample augmentation draws depend on (seed, epoch, index)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
-                                             pin_memory=run.cuda)
-        batches = iter(loader)
-        for _ in range(skip, sampler.steps_per_epoch):
-            if step >= total_steps:
-                break
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logs = {}
-            for m in range(accum):
-                x, y = next_batch(run, batches)
-                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-                torch.manual_seed(step_seed(s.seed, step, run.rank * accum + m))
-                sync = m == accum - 1 or run.world == 1
-                with (nullcontext() if sync else net.no_sync()), run.autocast(s.bf16):
-                    loss, parts = loss_fn(net, x, y)
-                (loss / accum).backward()
-                for k, v in parts.items():
-                    logs[k] = logs.get(k, 0.0) + v / accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0 else torch.zeros(())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, model, s.ema_decay)
-            step += 1
-            seen += s.global_batch
+    try:
+        while step < total_steps:
+            # where this step falls in the data: the epoch, and how many of its batches are done
+            epoch, skip = divmod(step, sampler.steps_per_epoch)
+            sampler.set_epoch(epoch, skip)
+            dataset.set_epoch(epoch)  # per-sample augmentation draws depend on (seed, epoch, index)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
+                                                 pin_memory=run.cuda)
+            batches = iter(loader)
+            for _ in range(skip, sampler.steps_per_epoch):
+                if step >= total_steps:
+                    break
+                lr = lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logs = {}
+                for m in range(accum):
+                    x, y = next_batch(run, batches)
+                    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+                    torch.manual_seed(step_seed(s.seed, step, run.rank * accum + m))
+                    sync = m == accum - 1 or run.world == 1
+                    with (nullcontext() if sync else net.no_sync()), run.autocast(s.bf16):
+                        loss, parts = loss_fn(net, x, y)
+                    (loss / accum).backward()
+                    for k, v in parts.items():
+                        logs[k] = logs.get(k, 0.0) + v / accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0 else torch.zeros(())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    update_ema(ema, model, s.ema_decay)
+                step += 1
+                seen += s.global_batch
+                run.stepped = True
 
-            # the losses of all processes, every step: a NaN on any of them stops all at once
-            names = sorted(logs)
-            values = run.mean([logs[k] for k in names] + [float(grad_norm)])
-            logs, gnorm = dict(zip(names, values[:-1])), values[-1]
-            if not all(math.isfinite(v) for v in values):
-                run.fail(f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
-                         f"the last good checkpoint is {run.ckpt_path}: resume with a lower --lr")
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            rate = seen * per_sample / (time.time() - t0)
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
-            if run.master:  # one line per step: for plots, and the tests' exact-resume check
-                with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(step=step, lr=lr, grad_norm=gnorm, **logs)) + "\n")
-            if step % s.log_every == 0 or step == total_steps:
-                avg = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
-                run.log(f"step {step}/{total_steps} epoch {epoch} | {avg} | lr {lr:.2e} | grad {gnorm:.3f} | "
-                        f"{rate:.1f} {unit}/s")
-                sums, count = {}, 0
-            if step % s.ckpt_every == 0 or step == total_steps:
-                if run.master:
-                    save_checkpoint(model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
-                                                     epoch=epoch, args=run_args or {}, rng=rng_state()),
-                                    run.ckpt_path)
-                run.barrier()
-            yield step
-        del batches, loader
+                # the losses of all processes, every step: a NaN on any of them stops all at once
+                names = sorted(logs)
+                values = run.mean([logs[k] for k in names] + [float(grad_norm)])
+                logs, gnorm = dict(zip(names, values[:-1])), values[-1]
+                if not all(math.isfinite(v) for v in values):
+                    run.fail(f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
+                             f"the last good checkpoint is {run.ckpt_path}: resume with a lower --lr")
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                rate = seen * per_sample / (time.time() - t0)
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
+                if run.master:  # one line per step: for plots, and the tests' exact-resume check
+                    with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(dict(step=step, lr=lr, grad_norm=gnorm, **logs)) + "\n")
+                if step % s.log_every == 0 or step == total_steps:
+                    avg = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+                    run.log(f"step {step}/{total_steps} epoch {epoch} | {avg} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                            f"{rate:.1f} {unit}/s")
+                    sums, count = {}, 0
+                if step % s.ckpt_every == 0 or step == total_steps:
+                    if run.master:
+                        save_checkpoint(model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
+                                                         epoch=epoch, args=run_args or {}, rng=rng_state(),
+                                                         **(ckpt_extra or {})), run.ckpt_path)
+                    run.barrier()
+                yield step
+            del batches, loader
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Run.open turns it into one)
+        pbar.close()
+        run.stepped = True  # keep what the run wrote
+        where = f"rerun the same command to resume from {run.ckpt_path}" if os.path.exists(run.ckpt_path) else \
+            "no checkpoint was written yet"
+        run.fail(f"interrupted at step {step}; {where}")
     pbar.close()
+
+
+def quiet_worker(_):
+    """Data-loader workers leave Ctrl-C to the main process (which ends the run with one line)
+    instead of each printing its own traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_images(run, dataset, size, skip_bad, threads):
+    """Scan the data set once (scan_images): stop on unreadable images, or leave them out with
+    skip_bad and list them in the log; say how many images are padded up to size."""
+    bad, small = scan_images(dataset, size, threads)
+    if bad and not skip_bad:
+        run.fail(f"{len(bad)} unreadable image(s), the first {bad[0][0]} ({bad[0][1]}): fix or remove them, "
+                 f"or pass --skip-bad-images to leave them out")
+    if bad:
+        dataset.drop([path for path, _ in bad])
+        run.log(f"leaving out {len(bad)} unreadable image(s) (--skip-bad-images):")
+        for path, reason in bad:
+            run.log(f"  {path} ({reason})")
+    if small:
+        run.log(f"note: {small} of {len(dataset)} images are smaller than {size} px: they are padded with black "
+                f"to {size}, not enlarged")
+
+
+def tokenizer_fingerprint(tok):
+    """A short hash of the codebook: the codes a GPT was trained on mean something only to the
+    tokenizer with this codebook."""
+    import hashlib
+    return hashlib.sha1(tok.quantizer.codebook.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def next_batch(run, batches):
@@ -1893,7 +2062,7 @@ def next_batch(run, batches):
     try:
         return next(batches)
     except (ValueError, OSError) as e:  # from a worker, the original error is the last line
-        run.fail(str(e).strip().splitlines()[-1])
+        run.fail(str(e).strip().splitlines()[-1] + " (--skip-bad-images leaves unreadable images out)")
 
 
 def median_seconds(fn, repeats, cuda=False, warmup=1):
@@ -1953,33 +2122,109 @@ def benchmark_training(run, settings, name, model, loss_fn, optimizer, batch, un
     return med
 
 
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# Command-line values: argparse types that refuse what makes no sense with one line that names the
+# flag, the value and the allowed range, before any work starts.
+
+def _number(cast, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+    def parse(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            v = None
+        ok = v is not None and math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+            (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, 1, what="an integer >= 1")
+nonneg_int = _number(int, 0, what="an integer >= 0")
+positive_float = _number(float, 0, lo_open=True, what="a finite number > 0")
+nonneg_float = _number(float, 0, what="a finite number >= 0")
+fraction = _number(float, 0, 1, what="a number in [0, 1]")
+decay = _number(float, 0, 1, hi_open=True, what="a number in [0, 1)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default: '(default: X)' is added where the help does not say it,
+    '(default: off)' for switches."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings:
+            return h
+        if action.default is False:
+            return h + " (default: off)"
+        return h if action.default is None else h + " (default: %(default)s)"
+
+
+def cpu_budget(threads=None, workers=None):
+    """Compute threads and data-loader workers for this process that do not oversubscribe the
+    cores it may use (its share when torchrun starts several on one machine): threads + workers
+    <= cores. OpenMP threads that wait for a busy core can slow a step tenfold, so on a machine
+    that also runs other work, ask for fewer (--threads 1). Sets torch's thread count; returns
+    (threads, workers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if workers is None:  # loading in the main process costs less than a worker's core on small machines
+        workers = 0 if share <= 2 else min(4, share // 2)
+    if threads is None:
+        threads = max(1, share - workers)
+    torch.set_num_threads(threads)
+    return threads, workers
+
+
+def busy_note(threads):
+    """A line when other programs already keep the cores busy (load average), else None."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and load > cores - 0.5:
+        return (f"note: the load average is {load:.1f} on {cores} cores: other programs are busy, and {threads} "
+                f"compute threads may wait on each other; --threads 1 can be much faster")
+    return None
+
+
 def training_arguments(parser):
     """The flags both trainers share. Those left unset (None) take the preset's value
     (fill_run_defaults); --help lists each preset's values."""
     p = parser
     p.add_argument("--data", help="ImageFolder directory (root/<class>/<image>) or a built-in name: "
-                   + ", ".join(BUILTIN_DATASETS))
-    p.add_argument("--image-size", type=int, help="crop (or pad) images to this size (default: the preset's)")
+                   + ", ".join(BUILTIN_DATASETS) + " (default: the preset's)")
+    p.add_argument("--image-size", type=positive_int, help="crop (or pad) images to this size (default: the preset's)")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
-    p.add_argument("--global-batch", type=int, help="images per optimizer step, over all processes")
-    p.add_argument("--micro-batch", type=int, help="images per forward per process; smaller than global "
+    p.add_argument("--global-batch", type=positive_int, help="images per optimizer step, over all processes "
+                   "(default: the preset's)")
+    p.add_argument("--micro-batch", type=positive_int, help="images per forward per process; smaller than global "
                    "batch / processes accumulates gradients (default: no accumulation)")
-    p.add_argument("--epochs", type=float, help="passes over the data (an explicit value wins over the "
-                   "preset's step budget)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (default 0.95)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices and embeddings")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    p.add_argument("--ema-decay", type=float, help="EMA of the weights; 0 disables it")
+    p.add_argument("--epochs", type=positive_float, help="passes over the data; an explicit value wins over the "
+                   "preset's step budget (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps; wins over --epochs (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: the preset's)")
+    p.add_argument("--beta2", type=decay, default=0.95, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay on matrices and embeddings "
+                   "(default: the preset's)")
+    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="max gradient norm, 0 = off")
+    p.add_argument("--ema-decay", type=decay, help="EMA of the weights; 0 disables it (default: the preset's)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="the official augmentations; --no-augment: centre crops only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and draws (default 0)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
-                   help="data-loader processes per training process (default: half the cores, at most 4)")
-    p.add_argument("--log-every", type=int, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between sample images")
+                   help="the official augmentations; --no-augment: centre crops only (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and draws")
+    p.add_argument("--threads", type=positive_int, help="compute threads per process (default: the cores of "
+                   "this process less its loader workers; on a busy machine try 1)")
+    p.add_argument("--workers", type=nonneg_int, help="data-loader processes per training process (default: 0 "
+                   "with 2 cores or fewer per process, else half of them, at most 4)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (listed in the "
+                   "log) instead of stopping")
+    p.add_argument("--log-every", type=positive_int, help="steps between log lines (default: the preset's)")
+    p.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (default: the preset's)")
+    p.add_argument("--sample-every", type=positive_int, help="steps between sample images (default: the preset's)")
     p.add_argument("--resume", help="checkpoint to resume from (default: <out>/ckpt.pt when it exists)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -2105,6 +2350,9 @@ def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs"):
         raise CheckpointError(f"no checkpoints given and none found under {runs}/: pass --tokenizer and --gpt")
     tok = Tokenizer.from_checkpoint(tok_path).to(device)
     gpt_model = GPT.from_checkpoint(gpt_path, block_size=tok.cfg.num_tokens).to(device)
+    if gpt_model.tokenizer not in (None, tokenizer_fingerprint(tok)):
+        print(f"warning: {gpt_path} was trained on the codes of another tokenizer than {tok_path} "
+              f"(codebook fingerprints differ): its samples will not mean much")
     if gpt_model.cfg.vocab_size != tok.cfg.codebook_size:
         raise CheckpointError(f"{gpt_path} predicts {gpt_model.cfg.vocab_size} codes but {tok_path} has a "
                               f"codebook of {tok.cfg.codebook_size}: they do not belong together")

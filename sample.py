@@ -30,30 +30,31 @@ from tqdm import tqdm
 import dar
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter)
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: newest runs/tokenizer*/ckpt.pt)")
     p.add_argument("--gpt", help="GPT checkpoint (default: newest runs/GPT*/ckpt.pt)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=[0],
-                   help="class ids (default 0; Fashion-MNIST: 0 t-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, "
+                   help="class ids (default 0; a run's class names: --list-classes; Fashion-MNIST: 0 t-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, "
                    "5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot)")
-    p.add_argument("--num-per-class", type=int, default=4, help="samples per class (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    p.add_argument("--num-per-class", type=dar.positive_int, default=4, help="samples per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="classifier-free guidance: 'start,end' "
-                   "of a linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number (default 1.0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="of the token draws; 0 is greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest tokens; 0 = all (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off (default 1.0)")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver (default adams2)")
-    p.add_argument("--steps", type=int, help="decoder steps (default: one per group of tokens)")
+                   "of a linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number")
+    p.add_argument("--temperature", type=dar.nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
+    p.add_argument("--top-k", type=dar.nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
+    p.add_argument("--top-p", type=dar.fraction, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
+    p.add_argument("--steps", type=dar.positive_int, help="decoder steps (default: one per group of tokens)")
+    p.add_argument("--list-classes", action="store_true", help="print the GPT's class ids and names, then exit")
     p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step")
-    p.add_argument("--layout", help="reference image whose first tokens are kept (layout control)")
-    p.add_argument("--prefix-tokens", type=int, default=0, help="how many tokens of --layout to keep")
+    p.add_argument("--layout", help="reference image whose first tokens are kept (layout control; default: none)")
+    p.add_argument("--prefix-tokens", type=dar.positive_int, help="how many tokens of --layout to keep (needed with --layout; no default)")
     p.add_argument("--grid", help="output PNG (default: sample.png, preview.png with --preview, layout.png "
                    "with --layout)")
-    p.add_argument("--out", help="directory for bulk sampling (one PNG per sample, plus DIR.npz)")
-    p.add_argument("--num-samples", type=int, default=50000, help="--out: how many samples (default 50000)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
+    p.add_argument("--out", help="directory for bulk sampling (one PNG per sample, plus DIR.npz; default: none, a grid)")
+    p.add_argument("--num-samples", type=dar.positive_int, default=50000, help="--out: how many samples")
+    p.add_argument("--batch-size", type=dar.positive_int, default=32, help="samples per forward")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
                    "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
@@ -62,9 +63,15 @@ def parse_args(argv=None):
                    "default: on with CUDA; on a CPU it pays off for bulk sampling")
     p.add_argument("--benchmark", action="store_true", help="time AR generation, pixel decoding and "
                    "end-to-end sampling of --batch-size images with random weights, then exit")
-    p.add_argument("--tokenizer-preset", default="tokenizer_v1", help="--benchmark: tokenizer size (default tokenizer_v1)")
-    p.add_argument("--gpt-preset", default="GPT-L", help="--benchmark: GPT size (default GPT-L)")
-    p.add_argument("--repeats", type=int, default=5, help="--benchmark: timed runs (median) after one warm-up (default 5)")
+    p.add_argument("--tokenizer-preset", default="tokenizer_v1", choices=sorted(dar.TOKENIZER_PRESETS),
+                   help="--benchmark: tokenizer size")
+    p.add_argument("--gpt-preset", default="GPT-L", choices=sorted(dar.GPT_PRESETS), help="--benchmark: GPT size")
+    p.add_argument("--repeats", type=dar.positive_int, default=5, help="--benchmark: timed runs (median) after one warm-up")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     # bf16 and compile pay off on GPUs (tensor cores, CUDA graphs); on a CPU they are opt-in
     cuda = torch.cuda.is_available()
@@ -72,6 +79,13 @@ def parse_args(argv=None):
     args.compile = cuda if args.compile is None else args.compile
     # each mode its own file, so the README's commands do not overwrite each other's output
     args.grid = args.grid or ("preview.png" if args.preview else "layout.png" if args.layout else "sample.png")
+    # checked now, not after the sampling: PIL picks the format from the extension
+    from PIL import Image
+    Image.init()
+    if os.path.splitext(args.grid)[1].lower() not in Image.EXTENSION:
+        p.error(f"--grid {args.grid}: no image extension PIL can write (e.g. .png, .jpg, .webp)")
+    if bool(args.layout) != bool(args.prefix_tokens):
+        p.error("--layout and --prefix-tokens go together: the reference image, and how many of its tokens to keep")
     return args
 
 
@@ -81,6 +95,28 @@ def settings_of(args):
     return dar.SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
                                 compile=args.compile)
+
+
+def check_settings(args, tok_path, gpt_path):
+    """--out DIR continues an earlier run only if it drew with the same settings (they decide every
+    image); DIR/settings.json records them. Returns None, or the line saying what differs."""
+    import json
+    path = os.path.join(args.out, "settings.json")
+    now = dict(tokenizer=os.path.abspath(tok_path), gpt=os.path.abspath(gpt_path), seed=args.seed,
+               batch_size=args.batch_size, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16)
+    now = json.loads(json.dumps(now))  # tuples -> lists, as stored
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        differ = [f"{k} {before.get(k)} (now {v})" for k, v in now.items() if before.get(k) != v]
+        if differ:
+            return (f"{args.out} holds samples drawn with other settings: {', '.join(differ)}; use another --out, "
+                    f"or delete {args.out} to start afresh")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1)
+    return None
 
 
 def png(out, i):
@@ -100,6 +136,10 @@ def bulk(args, sampler, num_classes):
     labels = dar.class_balanced_labels(n, num_classes)
     if rank == 0:
         print(f"{n} samples in {len(batches)} batches; this process: {len(todo)} to do")
+        stale = [f for f in os.listdir(args.out) if f.endswith(".png") and f[:-4].isdigit() and int(f[:-4]) >= n]
+        if stale:
+            print(f"note: {args.out} also holds {len(stale)} PNGs past sample {n - 1} from an earlier run; "
+                  f"{args.out.rstrip('/')}.npz takes samples 0..{n - 1} only")
     for b in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
         for i, img in zip(b, sampler.batch(b[0], labels[b[0]:b[-1] + 1], args.seed)):
             Image.fromarray(img).save(png(args.out, i))
@@ -151,12 +191,21 @@ def main(argv=None):
 
     # models, and every input checked before any work
     try:
-        tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)
+        tok, gpt, (tok_path, gpt_path) = dar.load_models(args.tokenizer, args.gpt, device)
+        if args.list_classes:
+            names = gpt.classes or [None] * gpt.cfg.num_classes
+            for i, name in enumerate(names):
+                print(i, name or "")
+            return
+        if args.out and rank == 0:
+            bad_out = check_settings(args, tok_path, gpt_path)
+            if bad_out:
+                raise ValueError(bad_out)
         bad = [c for c in args.classes if not 0 <= c < gpt.cfg.num_classes]
         if bad:
             raise ValueError(f"--class {bad[0]} is outside this model's classes 0..{gpt.cfg.num_classes - 1}")
-        if args.layout and not 0 < args.prefix_tokens <= tok.cfg.num_tokens:
-            raise ValueError(f"--prefix-tokens must be in 1..{tok.cfg.num_tokens} with --layout")
+        if args.layout and args.prefix_tokens > tok.cfg.num_tokens:
+            raise ValueError(f"--prefix-tokens {args.prefix_tokens}: this tokenizer has {tok.cfg.num_tokens} tokens")
         ref = dar.to_tensor(dar.center_crop(dar.load_image(args.layout), tok.cfg.image_size)) if args.layout else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -591,6 +591,152 @@ def test_one_meaning_of_bf16():
 
 
 # -----------------------------------------------------------------------------
+# Nothing silent: bad values, reruns with other settings, shared directories, kills
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.uint16)[None].repeat(4, 0) * 257)      # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")           # PIL keeps 16 bits
+    img = np.asarray(dar.load_image(tmp_path / "g16.png"))
+    assert img.shape == (4, 256, 3) and np.array_equal(img[0, :, 0], np.arange(256))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-steps", "0"], "--max-steps: '.*' is not .*integer >= 1"),
+    (["--global-batch", "0"], "--global-batch: '.*' is not .*integer >= 1"),
+    (["--lr", "nan"], "--lr: '.*' is not .*finite number > 0"),
+    (["--ema-decay", "1"], r"--ema-decay: '.*' is not .*in \[0, 1\)"),
+])
+def test_training_flags_are_checked_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--preset", "tokenizer_tiny", "--data", "nowhere", *flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_training_inputs_that_fit_no_model_are_one_line(image_folder, tmp_path):
+    base = ["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r"), *TINY]
+    with pytest.raises(SystemExit, match="--image-size 30: image size 30 must be a multiple"):
+        train_tokenizer.main(base + ["--image-size", "30"])
+    with pytest.raises(SystemExit, match="--global-batch 32 is larger than the data set .16 images."):
+        train_tokenizer.main(base + ["--global-batch", "32"])
+    (tmp_path / "cut.pt").write_bytes(open(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), "rb").read()[:1000])
+    with pytest.raises(SystemExit, match="cannot read checkpoint .*cut.pt: truncated"):
+        train_tokenizer.main(base + ["--resume", str(tmp_path / "cut.pt")])
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_resume_checks_the_settings_and_drops_stale_metrics(image_folder, tmp_path):
+    out = tmp_path / "r"
+    base = ["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out), "--global-batch", "4", *TINY]
+    train_tokenizer.main(base + ["--max-steps", "2"])
+    # a kill during a save left a temporary file; a kill after step 4 left metrics of unsaved steps
+    (out / ".tmp_x.pt").write_bytes(b"")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=3, loss=9.0)) + "\n" + json.dumps(dict(step=4, loss=9.0)) + "\n")
+    with pytest.raises(SystemExit, match=r"other settings: --lr 0.001 \(now 0.002\)"):
+        train_tokenizer.main(base + ["--max-steps", "4", "--lr", "2e-3"])
+    with pytest.raises(SystemExit, match=r"--data .* \(now fashion-mnist\)"):
+        train_tokenizer.main(base + ["--max-steps", "4", "--data", "fashion-mnist"])
+    train_tokenizer.main(base + ["--max-steps", "4", "--workers", "0", "--log-every", "1"])  # longer: allowed
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == [1, 2, 3, 4] and all(m["loss"] != 9.0 for m in metrics(out))
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]
+    assert (os.stat(out / "ckpt.pt").st_mode & 0o777) == 0o666 & ~_umask()   # readable as the umask says
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_two_runs_cannot_share_a_directory(image_folder, tmp_path):
+    out = tmp_path / "r"
+    other = dar.Run(str(out))
+    other.open()                                                        # a live run holds the directory
+    argv = ["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out), "--global-batch", "4",
+            "--max-steps", "1", *TINY]
+    with pytest.raises(SystemExit, match=f"{out} is in use by another run .process {os.getpid()}."):
+        train_tokenizer.main(argv)
+    other.close()                                                       # ended (or crashed): free again
+    train_tokenizer.main(argv)
+    assert metrics(out)[-1]["step"] == 1
+
+
+def test_ctrl_c_ends_a_run_with_one_line(image_folder, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train_tokenizer.py"), "--preset", "tokenizer_tiny", "--data",
+           str(image_folder), "--out", str(tmp_path / "r"), "--global-batch", "4", "--max-steps", "100000",
+           "--workers", "1", "--ckpt-every", "2", "--log-every", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(tmp_path / "r" / "metrics.jsonl")
+                                          and len(metrics(tmp_path / "r")) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(r"error: interrupted at step \d+; rerun the same command to resume from .*ckpt.pt", err)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "-2"], "--steps: '.*' is not .*integer >= 1"),
+    (["--num-per-class", "0"], "--num-per-class: '.*' is not"),
+    (["--num-per-class", "-1"], "--num-per-class: '.*' is not"),
+    (["--batch-size", "0"], "--batch-size: '.*' is not"),
+    (["--num-samples", "0"], "--num-samples: '.*' is not"),
+    (["--top-p", "2"], r"--top-p: '.*' is not .*in \[0, 1\]"),
+    (["--grid", "out"], "--grid out: no image extension"),
+    (["--prefix-tokens", "4"], "--layout and --prefix-tokens go together"),
+])
+def test_sample_flags_are_checked_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        sample_script.parse_args(flags)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bulk_sampling_refuses_other_settings_in_the_same_directory(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = OFFICIAL + ["--out", str(out), "--num-samples", "4", "--batch-size", "2", "--seed", "3"]
+    sample_script.main(argv)
+    with pytest.raises(SystemExit, match=r"other settings: seed 3 \(now 4\); use another --out"):
+        sample_script.main(argv[:-1] + ["4"])
+    capsys.readouterr()
+    sample_script.main([a if a != "4" else "2" for a in argv])            # fewer samples, same settings
+    assert "also holds 2 PNGs past sample 1" in capsys.readouterr().out
+    assert len(np.load(str(out) + ".npz")["arr_0"]) == 2
+
+
+def test_a_gpt_with_another_tokenizer_is_named(tmp_path, capsys):
+    gpt = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=64, block_size=16, num_classes=10))
+    dar.save_checkpoint(dar.model_checkpoint(gpt, tokenizer="0123456789abcdef", classes=list("abcdefghij")),
+                        tmp_path / "g.pt")
+    tok, gpt, _ = dar.load_models(OFFICIAL[1], str(tmp_path / "g.pt"))
+    assert "trained on the codes of another tokenizer" in capsys.readouterr().out
+    sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(tmp_path / "g.pt"), "--list-classes"])
+    assert capsys.readouterr().out.splitlines()[-10:] == [f"{i} {c}" for i, c in enumerate("abcdefghij")]
+
+
+def test_every_flag_says_its_default():
+    """--help of each script: one line of help per flag, with its default (a value, 'off', or what
+    decides it)."""
+    for parser in (train_tokenizer.build_parser(), train_ar.build_parser(), sample_script.build_parser()):
+        formatter = dar.HelpFormatter(parser.prog)
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                text = formatter._get_help_string(action)
+                assert action.help and "default" in text, (parser.prog, action.option_strings)
+
+
+def test_threads_and_workers_fit_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    threads, workers = dar.cpu_budget()
+    assert threads + workers <= max(cores, 1 + workers) and threads >= 1
+    assert dar.cpu_budget(threads=1, workers=0) == (1, 0) and torch.get_num_threads() == 1
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+# -----------------------------------------------------------------------------
 # Training scripts (tiny presets, a few steps, CPU)
 
 
@@ -664,6 +810,8 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
     assert os.path.getmtime(codes_dir / npy) == mtime
     gpt = dar.GPT.from_checkpoint(out / "ckpt.pt")
     assert (gpt.cfg.vocab_size, gpt.cfg.block_size, gpt.cfg.num_classes) == (64, 16, 2)
+    # the checkpoint names its classes and the tokenizer whose codes it learned
+    assert gpt.classes == ["a", "b"] and gpt.tokenizer == dar.tokenizer_fingerprint(tok)
 
 
 def test_ar_training_online_encoding(image_folder, tiny_tokenizer_ckpt, tmp_path):
@@ -739,8 +887,13 @@ def test_training_bad_inputs(image_folder, tmp_path):
     for i in range(8):
         Image.new("RGB", (32, 32)).save(bad / "x" / f"{i}.png")
     (bad / "x" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(SystemExit, match="cannot read image .*3.png"):
-        train_tokenizer.main(base + ["--data", str(bad), "--global-batch", "8"])
+    # found by the scan before the first step (met at a later step, it would stop every resumed run)
+    with pytest.raises(SystemExit, match="1 unreadable image.*3.png.*--skip-bad-images"):
+        train_tokenizer.main(base + ["--data", str(bad), "--global-batch", "4"])
+    assert not os.path.exists(tmp_path / "r")  # a run that never stepped leaves no stub directory
+    train_tokenizer.main(base + ["--data", str(bad), "--global-batch", "7", "--skip-bad-images"])
+    log = open(tmp_path / "r" / "log.txt").read()
+    assert "leaving out 1 unreadable image(s)" in log and "3.png" in log and "| 7 images |" in log
     with pytest.raises(SystemExit, match="GPT checkpoint, expected a tokenizer"):
         train_ar.main(["--preset", "GPT-tiny", "--tokenizer", os.path.join(GOLDEN, "gpt_tiny.ckpt"),
                        "--data", str(image_folder), "--out", str(tmp_path / "a")])

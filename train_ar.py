@@ -45,23 +45,29 @@ RUN_DEFAULTS = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter,
                                 epilog=dar.presets_help(RUN_DEFAULTS))
     p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS),
-                   help="model size and run settings (default GPT-small)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one); required")
+                   help="model size and run settings")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one); required, no default")
     dar.training_arguments(p)
-    p.add_argument("--class-dropout", type=float, help="p of the null class, for guidance (default: the "
+    p.add_argument("--class-dropout", type=dar.fraction, help="p of the null class, for guidance (default: the "
                    "model config's, 0.1)")
-    p.add_argument("--decay-epochs", type=float, help="linear decay to 1e-5 over the last epochs (50 of 300)")
-    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number")
+    p.add_argument("--decay-epochs", type=dar.nonneg_float, help="linear decay to 1e-5 over the last epochs (50 of "
+                   "300 in the paper; default: the preset's)")
+    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number (default: the preset's)")
     p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
                    "of pre-extracting the codes")
-    p.add_argument("--codes-dir", help="where extracted codes are cached (default: runs/codes)")
-    p.add_argument("--extract-batch", type=int, default=64, help="images per forward during extraction (default 64)")
-    p.add_argument("--tokens", type=int, default=256, help="--benchmark only: sequence length (default 256)")
-    p.add_argument("--vocab", type=int, default=16384, help="--benchmark only: codebook size (default 16384)")
+    p.add_argument("--codes-dir", help="where extracted codes are cached (default: codes/ beside the run directory)")
+    p.add_argument("--extract-batch", type=dar.positive_int, default=64, help="images per forward during extraction")
+    p.add_argument("--tokens", type=dar.positive_int, default=256, help="--benchmark only: sequence length")
+    p.add_argument("--vocab", type=dar.positive_int, default=16384, help="--benchmark only: codebook size")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args = dar.fill_run_defaults(args, RUN_DEFAULTS[args.preset])
     args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
@@ -172,8 +178,9 @@ def save_samples(gpt, tok, path, guidance, seed, per_class=4):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
     run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
+    args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
+    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
     # --class-dropout sets the config's field, which the loss reads and the checkpoint keeps
     gpt_overrides = {} if args.class_dropout is None else dict(class_dropout=args.class_dropout)
 
@@ -197,15 +204,17 @@ def main(argv=None):
         run.fail("--tokenizer is required")
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
+    run.open()  # the run directory, locked: one run at a time in it
     try:
         tok = dar.Tokenizer.from_checkpoint(args.tokenizer).to(run.device).requires_grad_(False)
+        if args.image_size and args.image_size != tok.cfg.image_size:
+            run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
+        args.image_size = args.image_size or tok.cfg.image_size
         images = dar.build_dataset(args.data, seed=args.seed)
-        micro, accum = settings.split(run.world)
+        dar.check_images(run, images, args.image_size, args.skip_bad_images, args.threads)  # every file, once
+        micro, accum = settings.split(run.world, len(images))
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
-    if args.image_size and args.image_size != tok.cfg.image_size:
-        run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
-    args.image_size = args.image_size or tok.cfg.image_size
     # the Llama's vocabulary is the tokenizer's codebook and its sequence the tokenizer's N tokens;
     # the class table has one row per class folder (+ the null class)
     cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
@@ -228,12 +237,14 @@ def main(argv=None):
     model, ema = dar.new_model(lambda: dar.GPT(cfg), args.seed, run.device, args.ema_decay)
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(model, ema, optimizer, "dar.gpt", args.resume, args.no_resume)
+    start = run.resume(model, ema, optimizer, "dar.gpt", args.resume, args.no_resume, vars(args))
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
     run.log(f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes): "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} images | "
             f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
-            f"{total} steps | device {run.device}")
+            f"{total} steps | device {run.device}, {args.threads} threads, {args.workers} loader workers")
+    if run.master and dar.busy_note(args.threads):
+        run.log(dar.busy_note(args.threads))
 
     # the paper's schedule: constant, then linear to 1e-5 over the last decay_epochs
     decay_start = max(0, total - round(args.decay_epochs * (len(dataset) // args.global_batch)))
@@ -246,8 +257,10 @@ def main(argv=None):
 
     # the loop: dar.train does the steps, logging and checkpoints; the sample grids are drawn here
     model.train()
+    # the checkpoint records which tokenizer's codes it learned (sample.py warns on another one)
     for step in dar.train(run, settings, model, ema, optimizer, dataset, step_loss, lr_at, total, start,
-                          unit="tok", per_sample=cfg.block_size, run_args=vars(args)):
+                          unit="tok", per_sample=cfg.block_size, run_args=vars(args),
+                          ckpt_extra=dict(tokenizer=dar.tokenizer_fingerprint(tok), classes=images.classes)):
         if run.master and (step % args.sample_every == 0 or step == total):
             save_samples(ema or model, tok, os.path.join(run.out, "samples", f"ar_{step:07d}.png"), args.cfg,
                          args.seed)

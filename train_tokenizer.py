@@ -39,18 +39,25 @@ RUN_DEFAULTS = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter,
                                 epilog=dar.presets_help(RUN_DEFAULTS))
     p.add_argument("--preset", default="tokenizer_small", choices=sorted(dar.TOKENIZER_PRESETS),
-                   help="model size and run settings (default tokenizer_small)")
+                   help="model size and run settings")
     dar.training_arguments(p)
-    p.add_argument("--warmup", type=int, help="linear warm-up steps, then a constant learning rate")
-    p.add_argument("--lpips-weight", type=float, help="lambda_1 of eq. 7 (0.5 in the paper); 0 turns LPIPS off")
-    p.add_argument("--repa-weight", type=float, help="lambda_2 of eq. 7 (0.5 in the paper); 0 turns REPA off")
+    p.add_argument("--warmup", type=dar.nonneg_int, help="linear warm-up steps, then a constant learning rate "
+                   "(default: the preset's)")
+    p.add_argument("--lpips-weight", type=dar.nonneg_float, help="lambda_1 of eq. 7 (0.5 in the paper); 0 turns "
+                   "LPIPS off (default: the preset's)")
+    p.add_argument("--repa-weight", type=dar.nonneg_float, help="lambda_2 of eq. 7 (0.5 in the paper); 0 turns "
+                   "REPA off (default: the preset's)")
     p.add_argument("--loss-backbones", choices=["pretrained", "random"], default="pretrained",
-                   help="'random': randomly initialised VGG / ViT-B/14 for offline smoke tests "
-                   "(default pretrained)")
+                   help="'random': randomly initialised VGG / ViT-B/14 for offline smoke tests")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     return dar.fill_run_defaults(args, RUN_DEFAULTS[args.preset])
 
@@ -103,12 +110,16 @@ def fixed_images(dataset, size, n=8):
 
 def main(argv=None):
     args = parse_args(argv)
+    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
+    args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
     settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
-    cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+    try:
+        cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+    except ValueError as e:
+        run.fail(f"--image-size {args.image_size}: {e}")
     if args.repa_weight <= 0:
         cfg.repa_dim = 0  # no REPA projector to train
     args.image_size = size = cfg.image_size
-    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
 
     if args.benchmark:  # synthetic images, random loss backbones: the same compute, no download
         args.loss_backbones = "random"
@@ -124,6 +135,7 @@ def main(argv=None):
     # or centre crops; the crop's randomness comes from (seed, epoch, index)
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
+    run.open()  # the run directory, locked: one run at a time in it
     if args.augment:
         def transform(img, rng):
             return dar.to_tensor(dar.flip(dar.random_crop(img, size, rng), rng))
@@ -132,8 +144,9 @@ def main(argv=None):
             return dar.to_tensor(dar.center_crop(img, size))
     try:
         dataset = dar.build_dataset(args.data, transform, seed=args.seed)
+        dar.check_images(run, dataset, size, args.skip_bad_images, args.threads)  # every file, once
+        micro, accum = settings.split(run.world, len(dataset))  # checked now, not after the model is built
         loss_fn = TokenizerLoss(args, run.device, cfg.codebook_size)
-        micro, accum = settings.split(run.world)    # checked now, not after the model is built
         fixed = fixed_images(dataset, size).to(run.device)  # the images every sample step shows
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
@@ -143,11 +156,14 @@ def main(argv=None):
     model, ema = dar.new_model(lambda: dar.Tokenizer(cfg), args.seed, run.device, args.ema_decay)
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(model, ema, optimizer, "dar.tokenizer", args.resume, args.no_resume)
+    start = run.resume(model, ema, optimizer, "dar.tokenizer", args.resume, args.no_resume, vars(args))
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
     run.log(f"tokenizer {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
             f"{len(dataset)} images | {run.world} process(es) x micro-batch {micro} x {accum} accumulation = "
-            f"{args.global_batch} | {total} steps | device {run.device}")
+            f"{args.global_batch} | {total} steps | device {run.device}, {args.threads} threads, "
+            f"{args.workers} loader workers")
+    if run.master and dar.busy_note(args.threads):
+        run.log(dar.busy_note(args.threads))
 
     # the paper's schedule: linear warm-up, then constant (the official run never decays: the EMA
     # weights do the averaging a decay would)
