@@ -94,6 +94,9 @@ class TokenizerConfig:
     repa_dim: int = 768         # DINOv2 ViT-B/14 width; 0 builds no projector (inference-only model)
     repa_hidden: int = 2048
     rope_theta: float = 10000.0
+    gate_init: float = 0.0      # initial residual gates of the encoder and token decoder blocks: 0 as
+                                # the official code (each block starts as the identity); small runs
+                                # open them so that the image reaches the codes within minutes
 
     def __post_init__(self):
         if self.num_tokens % self.num_groups or self.num_tokens > self.max_tokens:
@@ -124,6 +127,8 @@ class GPTConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     class_dropout: float = 0.1  # p of replacing the label by the null class in training (CFG): ar_loss
+    reverse_tokens: bool = False  # trained on z_N .. z_1 (fine to coarse, the paper's ablation of the
+                                  # order): generate() and generate_images() flip the tokens back
     head_dim: int = 0           # derived: dim // n_head
     ffn_hidden: int = 0         # derived: multiple_of above int(2 * 4 dim / 3) (Llama's SwiGLU sizing)
 
@@ -573,8 +578,8 @@ class Tokenizer(nn.Module):
                     nn.init.zeros_(m.bias)
         # ... whose residual branches start closed: zero gates (GatedBlock) and zero AdaLN (DiT)
         for block in [*self.encoder.blocks, *self.decoder.blocks]:
-            nn.init.zeros_(block.gate1)
-            nn.init.zeros_(block.gate2)
+            nn.init.constant_(block.gate1, self.cfg.gate_init)
+            nn.init.constant_(block.gate2, self.cfg.gate_init)
         for block in self.dit.blocks:
             nn.init.zeros_(block.ada.weight)
             nn.init.zeros_(block.ada.bias)
@@ -987,10 +992,13 @@ def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0,
             logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, positions[i + 1:i + 2])
 
 
-def generate(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None):
-    """labels (B,) -> tokens (B, N) int64, sampled left to right with the KV cache."""
-    return torch.stack(list(generate_stream(gpt, labels, num_tokens, guidance, temperature, top_k, top_p,
-                                            prefix)), 1)
+def generate(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
+             decode_fn=decode_one_token):
+    """labels (B,) -> tokens (B, N) int64 in the tokenizer's order, sampled left to right with the
+    KV cache (a model trained on the reversed order writes z_N first; they are flipped back)."""
+    tokens = torch.stack(list(generate_stream(gpt, labels, num_tokens, guidance, temperature, top_k, top_p,
+                                              prefix, decode_fn)), 1)
+    return tokens.flip(1) if gpt.cfg.reverse_tokens else tokens
 
 
 @torch.no_grad()
@@ -1004,6 +1012,13 @@ def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, 
     cfg, B = tok.cfg, labels.shape[0]
     if noise is None:
         noise = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=labels.device)
+    if gpt.cfg.reverse_tokens:  # fine groups come first: no step can run before the whole sequence
+        if gen_kwargs.get("prefix") is not None:
+            raise ValueError("a prefix fixes the first (coarse) tokens: not with a model of the reversed order")
+        tokens = generate(gpt, labels, cfg.num_tokens, **gen_kwargs)
+        for state in tok.decode_steps(tokens, noise, sampler, steps, dit=dit):
+            yield tokens, state
+        return
     stream = generate_stream(gpt, labels, cfg.num_tokens, **gen_kwargs)
     tokens = labels.new_zeros(B, cfg.num_tokens)   # unknown tokens stay 0: no step reads their rows
     n, z, G = 0, None, cfg.group_size              # n tokens written so far; z = z' of them
@@ -1025,11 +1040,13 @@ def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, 
         yield tokens, state
 
 
-def ar_loss(gpt, codes, labels, class_dropout, null_class):
+def ar_loss(gpt, codes, labels, class_dropout, null_class, reverse=False):
     """Eq. 6 as a training loss: cross-entropy of the N next-token predictions under teacher forcing
     (codes (B, N), labels (B,)). With probability class_dropout a label becomes the null class, so
-    the same network also learns the unconditional p(z) that guidance contrasts with. gpt may be
-    wrapped (DDP, compile)."""
+    the same network also learns the unconditional p(z) that guidance contrasts with. reverse: learn
+    the sequence fine to coarse (z_N first). gpt may be wrapped (DDP, compile)."""
+    if reverse:
+        codes = codes.flip(1)
     drop = torch.rand(labels.shape, device=labels.device) < class_dropout
     labels = torch.where(drop, torch.full_like(labels, null_class), labels)
     logits = gpt(codes, labels)                                             # (B, N, V)
@@ -2384,6 +2401,7 @@ class SamplingSettings:
     steps: Optional[int] = None   # decoder steps; None: one per group (K)
     bf16: bool = False            # bf16 Llama weights and bf16 autocast for the decoder
     compile: bool = False         # torch.compile the DiT and the one-token step
+    preview_step: Optional[int] = None  # batch() returns the preview after this step, not the image
 
 
 class Sampler:
@@ -2429,6 +2447,9 @@ class Sampler:
 
     def batch(self, first, labels, seed):
         """The images (uint8 (B, H, W, 3)) of the batch of samples first.. with these labels, drawn
-        from batch_seed(seed, first): what sample.py --out writes and eval_fid.py --gpt scores."""
+        from batch_seed(seed, first): what sample.py --out writes and eval_fid.py --gpt scores. With
+        preview_step k, the jump estimates after k decoder steps (the image from the first k groups:
+        the paper's partial-token evaluation)."""
         torch.manual_seed(batch_seed(seed, first))
-        return to_uint8(self(labels)[1][-1])
+        previews = self(labels)[1]
+        return to_uint8(previews[-1 if self.settings.preview_step is None else self.settings.preview_step - 1])

@@ -25,6 +25,7 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import dar
@@ -390,6 +391,40 @@ def test_streaming_generation_equals_offline_decoding(tok, gpt):
     offline = list(tok.decode_steps(tokens, noise))
     for (_, s), o in zip(states, offline):
         assert torch.equal(s.preview, o.preview)
+
+
+def test_reversed_token_order_round_trips():
+    """A model of the reversed order (fine to coarse, the paper's ablation) learns z_N..z_1 and its
+    samples come back in the tokenizer's order: decoding them equals decoding the flipped stream."""
+    gpt = tiny_gpt(reverse_tokens=True)
+    labels, codes = torch.tensor([1, 4]), torch.randint(0, 64, (2, 16))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = dar.ar_loss(gpt, codes, labels, 0.0, 10, reverse=True)
+        expected = F.cross_entropy(gpt(codes.flip(1), labels).flatten(0, 1), codes.flip(1).flatten())
+    assert torch.allclose(loss, expected)
+    written = torch.stack(list(dar.generate_stream(gpt, labels, temperature=0)), 1)
+    assert torch.equal(dar.generate(gpt, labels, temperature=0), written.flip(1))
+    tok, noise = tiny_tokenizer(), torch.randn(2, 3, 32, 32)
+    tokens, state = list(dar.generate_images(gpt, tok, labels, noise, temperature=0))[-1]
+    assert torch.equal(tokens, written.flip(1)) and torch.equal(state.preview, tok.decode(tokens, noise))
+    with pytest.raises(ValueError, match="reversed order"):
+        next(dar.generate_images(gpt, tok, labels, noise, prefix=codes[:, :4]))
+
+
+def test_sampler_settings_reach_the_decoder():
+    """--sampler, --steps and --preview-step: the sampler decodes with them."""
+    tok, gpt = tiny_tokenizer(), tiny_gpt()
+    labels, noise = torch.tensor([0, 3]), torch.randn(2, 3, 32, 32)
+    sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(sampler="euler", steps=3, temperature=0), "cpu")
+    tokens, previews = sampler(labels, noise)
+    assert len(previews) == 3 and torch.equal(previews[-1], tok.decode(tokens, noise, "euler", 3))
+    assert not torch.equal(previews[-1], tok.decode(tokens, noise, "adams2", 3))
+    partial = dar.Sampler(tok, gpt, dar.SamplingSettings(steps=3, preview_step=2), "cpu")
+    full = dar.Sampler(tok, gpt, dar.SamplingSettings(steps=3), "cpu")
+    images = partial.batch(0, labels, 0)                    # seeds itself with batch_seed(0, 0)
+    torch.manual_seed(dar.batch_seed(0, 0))
+    assert np.array_equal(images, dar.to_uint8(full(labels)[1][1]))
 
 
 def test_layout_prefix_is_kept(gpt):
@@ -816,8 +851,10 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
 
 def test_ar_training_online_encoding(image_folder, tiny_tokenizer_ckpt, tmp_path):
     train_ar.main(["--preset", "GPT-tiny", "--tokenizer", str(tiny_tokenizer_ckpt), "--data", str(image_folder),
-                   "--out", str(tmp_path), "--online-encode", "--global-batch", "8", "--max-steps", "3", *TINY])
+                   "--out", str(tmp_path), "--online-encode", "--global-batch", "8", "--max-steps", "3",
+                   "--reverse-tokens", *TINY])
     assert len(metrics(tmp_path)) == 3
+    assert dar.GPT.from_checkpoint(tmp_path / "ckpt.pt").cfg.reverse_tokens  # the order is recorded
 
 
 def test_two_processes_equal_one(image_folder, tmp_path):
@@ -917,10 +954,12 @@ def test_lpips_and_repa_losses_run_offline(image_folder, tmp_path):
     out = tmp_path / "r"
     train_tokenizer.main(["--preset", "tokenizer_tiny", "--data", str(image_folder), "--out", str(out),
                           "--global-batch", "4", "--max-steps", "2", "--lpips-weight", "0.5", "--repa-weight", "0.5",
-                          "--loss-backbones", "random", *TINY])
+                          "--loss-backbones", "random", "--time-shift", "3", *TINY])
     m = metrics(out)[-1]
     assert math.isfinite(m["lpips"]) and 0 < m["repa"] < 2
-    assert any(k.startswith("dit.repa.") for k in dar.load_checkpoint(out / "ckpt.pt")["model"])
+    ckpt = dar.load_checkpoint(out / "ckpt.pt")
+    assert any(k.startswith("dit.repa.") for k in ckpt["model"])
+    assert ckpt["config"]["time_shift"] == 3.0  # --time-shift reaches the schedule (eqs. 5, 8)
 
 
 def test_missing_pretrained_backbones_name_the_flag(monkeypatch):

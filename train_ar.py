@@ -57,6 +57,8 @@ def build_parser():
     p.add_argument("--decay-epochs", type=dar.nonneg_float, help="linear decay to 1e-5 over the last epochs (50 of "
                    "300 in the paper; default: the preset's)")
     p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number (default: the preset's)")
+    p.add_argument("--reverse-tokens", action="store_true", help="learn the tokens fine to coarse (the paper's "
+                   "ablation of the order); the checkpoint records it and sampling flips them back")
     p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
                    "of pre-extracting the codes")
     p.add_argument("--codes-dir", help="where extracted codes are cached (default: codes/ beside the run directory)")
@@ -182,10 +184,12 @@ def main(argv=None):
     args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
     settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
     # --class-dropout sets the config's field, which the loss reads and the checkpoint keeps
-    gpt_overrides = {} if args.class_dropout is None else dict(class_dropout=args.class_dropout)
+    gpt_overrides = dict(reverse_tokens=args.reverse_tokens)
+    if args.class_dropout is not None:
+        gpt_overrides["class_dropout"] = args.class_dropout
 
     def loss_fn(net, codes, labels):  # eq. 6, with class dropout for guidance
-        loss = dar.ar_loss(net, codes, labels, cfg.class_dropout, cfg.num_classes)
+        loss = dar.ar_loss(net, codes, labels, cfg.class_dropout, cfg.num_classes, cfg.reverse_tokens)
         return loss, dict(loss=loss.item())
 
     if args.benchmark:  # synthetic codes: no tokenizer needed

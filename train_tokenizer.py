@@ -51,6 +51,8 @@ def build_parser():
                    "LPIPS off (default: the preset's)")
     p.add_argument("--repa-weight", type=dar.nonneg_float, help="lambda_2 of eq. 7 (0.5 in the paper); 0 turns "
                    "REPA off (default: the preset's)")
+    p.add_argument("--time-shift", type=dar.positive_float, help="beta of eqs. 5 and 8: how far the groups crowd "
+                   "towards the noisy start (default: the preset's, 2 in the paper)")
     p.add_argument("--loss-backbones", choices=["pretrained", "random"], default="pretrained",
                    help="'random': randomly initialised VGG / ViT-B/14 for offline smoke tests")
     return p
@@ -114,7 +116,8 @@ def main(argv=None):
     args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
     settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
     try:
-        cfg = dar.tokenizer_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+        overrides = {k: v for k, v in dict(image_size=args.image_size, time_shift=args.time_shift).items() if v}
+        cfg = dar.tokenizer_config(args.preset, **overrides)
     except ValueError as e:
         run.fail(f"--image-size {args.image_size}: {e}")
     if args.repa_weight <= 0:
