@@ -61,6 +61,8 @@ def build_parser():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
                    "default: on with CUDA; on a CPU it pays off for bulk sampling")
+    p.add_argument("--threads", type=dar.positive_int, help="compute threads (default: the cores this process may "
+                   "use; on a busy machine try 1)")
     p.add_argument("--benchmark", action="store_true", help="time AR generation, pixel decoding and "
                    "end-to-end sampling of --batch-size images with random weights, then exit")
     p.add_argument("--tokenizer-preset", default="tokenizer_v1", choices=sorted(dar.TOKENIZER_PRESETS),
@@ -186,6 +188,9 @@ def benchmark(args, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup_distributed()
+    args.threads = dar.cpu_budget(args.threads, 0)[0]
+    if rank == 0 and dar.busy_note(args.threads):
+        print(dar.busy_note(args.threads))
     if args.benchmark:
         return benchmark(args, device)
 
