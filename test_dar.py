@@ -1276,7 +1276,7 @@ def test_script_on_npz_and_folder_with_cached_features(tmp_path, random_net, fid
     near, noise = str(tmp_path / "near.npz"), str(tmp_path / "noise.npz")
     np.savez(near, arr_0=smooth_images(30, 24, seed=1))
     np.savez(noise, arr_0=np.random.default_rng(2).integers(0, 256, (30, 24, 24, 3), dtype=np.uint8))
-    common = ["--ref", str(ref), "--inception", random_net, "--batch-size", "16", "--device", "cpu"]
+    common = ["--ref", str(ref), "--inception", random_net, "--trust-torchscript", "--batch-size", "16", "--device", "cpu"]
 
     m_near = eval_fid.main([near, *common, "--threads", "1"])
     out, err = capsys.readouterr()
@@ -1316,9 +1316,9 @@ def test_script_on_npz_and_folder_with_cached_features(tmp_path, random_net, fid
 def test_adm_reference_batch_statistics_are_used(tmp_path, random_net, fid_cache, capsys):
     images = smooth_images(20, 16, seed=3)
     np.savez(tmp_path / "samples.npz", arr_0=images)
-    args = [str(tmp_path / "samples.npz"), "--inception", random_net, "--device", "cpu"]
+    args = [str(tmp_path / "samples.npz"), "--inception", random_net, "--trust-torchscript", "--device", "cpu"]
     # mu / sigma of the samples' own features in an ADM-style batch with other images: FID 0
-    feats = eval_fid.InceptionNet(random_net).features(images)["pool"]
+    feats = eval_fid.InceptionNet(random_net, trust=True).features(images)["pool"]
     mu, sigma = eval_fid.feature_stats(feats)
     np.savez(tmp_path / "adm.npz", arr_0=smooth_images(20, 16, seed=4), mu=mu, sigma=sigma)
     m = eval_fid.main([*args, "--ref", str(tmp_path / "adm.npz")])
@@ -1342,19 +1342,19 @@ def test_inception_score_from_a_network_with_logits(tmp_path, fid_cache):
     images = smooth_images(12, 16, seed=5)
     np.savez(tmp_path / "s.npz", arr_0=images)
     samples = str(tmp_path / "s.npz")
-    m = eval_fid.main([samples, "--ref", samples, "--inception", net, "--batch-size", "5", "--device", "cpu"])
-    logits = eval_fid.InceptionNet(net).features(images)["logits"]  # (12, 10), one batch
+    m = eval_fid.main([samples, "--ref", samples, "--inception", net, "--trust-torchscript", "--batch-size", "5", "--device", "cpu"])
+    logits = eval_fid.InceptionNet(net, trust=True).features(images)["logits"]  # (12, 10), one batch
     assert m["inception_score"] == pytest.approx(eval_fid.inception_score(logits), rel=1e-6)
     assert 1.0 < m["inception_score"] <= 10.0
     assert m["fid"] == pytest.approx(0, abs=1e-6) and m["precision"] == m["recall"] == 1.0
-    again = eval_fid.main([samples, "--ref", samples, "--inception", net, "--device", "cpu"])  # from the cache
+    again = eval_fid.main([samples, "--ref", samples, "--inception", net, "--trust-torchscript", "--device", "cpu"])  # from the cache
     assert again["inception_score"] == m["inception_score"] and again["fid"] == m["fid"]
 
 
 def test_bad_input_gives_clear_errors(tmp_path, random_net, fid_cache):
     np.savez(tmp_path / "s.npz", arr_0=smooth_images(4, 16, seed=6))
     np.savez(tmp_path / "no_images.npz", labels=np.arange(4))
-    net = ["--inception", random_net, "--device", "cpu"]
+    net = ["--inception", random_net, "--trust-torchscript", "--device", "cpu"]
     with pytest.raises(FileNotFoundError, match="--ref .*missing.npz: no such file"):
         eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "missing.npz"), *net])
     with pytest.raises(ValueError, match="neither images .arr_0. nor statistics"):
@@ -1395,10 +1395,14 @@ def test_inception_weights_never_run_code_from_the_file(tmp_path, monkeypatch, r
     with zipfile.ZipFile(random_net) as src, zipfile.ZipFile("evil_script.pt", "w") as dst:
         for name in src.namelist():  # a real TorchScript archive, its data.pkl a pickle with a payload
             dst.writestr(name, pickle.dumps(Boom(), protocol=2) if name.endswith("/data.pkl") else src.read(name))
-    for evil, says in [("evil.pth", "allow-list"), ("evil_script.pt", "not a loadable TorchScript network")]:
+    for evil, says, trust in [("evil.pth", "allow-list", []), ("evil_script.pt", "not a known FID network", []),
+                              ("evil_script.pt", "not a loadable TorchScript network", ["--trust-torchscript"])]:
         with pytest.raises(ValueError, match=says) as e:
-            eval_fid.main(["s.npz", "--ref", "s.npz", "--inception", evil, "--device", "cpu"])
+            eval_fid.main(["s.npz", "--ref", "s.npz", "--inception", evil, "--device", "cpu", *trust])
         assert "\n" not in str(e.value) and not os.path.exists("pwned")
+    # an unknown TorchScript network is a program: it runs only when trusted
+    with pytest.raises(ValueError, match="not a known FID network.*--trust-torchscript"):
+        eval_fid.main(["s.npz", "--ref", "s.npz", "--inception", random_net, "--device", "cpu"])
 
 
 def test_inception_by_short_name(monkeypatch):
@@ -1431,7 +1435,7 @@ def test_cheap_checks_come_before_any_feature(tmp_path, random_net, fid_cache, m
     np.savez(tmp_path / "s.npz", arr_0=smooth_images(4, 16, seed=6))
     np.savez(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match="of 2048 features, the network gives 16: computed with another network"):
-        eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "stats2048.npz"), "--inception", random_net])
+        eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "stats2048.npz"), "--inception", random_net, "--trust-torchscript"])
     monkeypatch.setattr(eval_fid, "InceptionNet", no_work)
     other = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=32, block_size=16, num_classes=10))
     dar.save_checkpoint(dar.model_checkpoint(other), tmp_path / "g32.pt")
@@ -1447,7 +1451,7 @@ def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, fid_c
         write_pngs(data / c, np.random.default_rng(len(c)).integers(0, 256, (4, 70, 80, 3), dtype=np.uint8))
     os.symlink(os.path.join(GOLDEN, "tokenizer_tiny.ckpt"), tmp_path / "tok.ckpt")
     eval_fid.main(["--recon", "--tokenizer", str(tmp_path / "tok.ckpt"), "--data", str(data),
-                   "--inception", random_net, "--batch-size", "4", "--device", "cpu"])
+                   "--inception", random_net, "--trust-torchscript", "--batch-size", "4", "--device", "cpu"])
     out = capsys.readouterr().out.splitlines()
     threads, workers = map(int, re.search(r"(\d+) threads, (\d+) workers", out[0]).groups())
     assert threads + workers <= max(len(os.sched_getaffinity(0)), 1 + workers)  # never more than the cores
@@ -1463,7 +1467,7 @@ def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, fid_c
 def test_inline_generation_is_seeded(tmp_path, random_net, fid_cache):
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(10, 64, seed=7))
     args = ["--gpt", os.path.join(GOLDEN, "gpt_tiny.ckpt"), "--tokenizer", os.path.join(GOLDEN, "tokenizer_tiny.ckpt"),
-            "--ref", str(tmp_path / "ref.npz"), "--inception", random_net, "--num-samples", "6",
+            "--ref", str(tmp_path / "ref.npz"), "--inception", random_net, "--trust-torchscript", "--num-samples", "6",
             "--batch-size", "4", "--cfg", "1.1,8.0", "--device", "cpu"]
     a = eval_fid.main([*args, "--json", str(tmp_path / "a.json")])
     b = eval_fid.main([*args, "--json", str(tmp_path / "b.json")])
@@ -1484,7 +1488,7 @@ def test_inline_samples_are_the_images_sample_py_writes(tmp_path, random_net, fi
     monkeypatch.setattr(eval_fid, "extract", lambda net, batches, total, desc: real_extract(
         net, (scored.append(b[0]) or b for b in batches) if desc == "samples" else batches, total, desc))
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(10, 64, seed=7))
-    eval_fid.main([*OFFICIAL, *flags, "--ref", str(tmp_path / "ref.npz"), "--inception", random_net,
+    eval_fid.main([*OFFICIAL, *flags, "--ref", str(tmp_path / "ref.npz"), "--inception", random_net, "--trust-torchscript",
                    "--device", "cpu", "--json", str(tmp_path / "m.json")])
     assert np.array_equal(np.concatenate(scored), np.load(tmp_path / "s.npz")["arr_0"])
 
