@@ -1698,6 +1698,7 @@ class Run:
         self.master, self.out, self.cuda = self.rank == 0, out, self.device.type == "cuda"
         self.ckpt_path = os.path.join(out, "ckpt.pt")
         self.opened = self.created = self.stepped = False
+        self.stop, self.handlers = None, {}
         self.lock, self.pending = None, []  # log lines from before open(), written to log.txt then
 
     def open(self):
@@ -1725,9 +1726,7 @@ class Run:
                 if f.startswith(".tmp_") and f.endswith(".pt"):
                     os.remove(os.path.join(self.out, f))
             self.opened = True
-            import signal
-            if threading_main():  # kill (SIGTERM) ends the run as Ctrl-C does: one line, files closed
-                signal.signal(signal.SIGTERM, signal.default_int_handler)
+            self.catch_stop()
             for msg in self.pending:
                 self.write_log(msg)
         self.barrier()
@@ -1771,7 +1770,25 @@ class Run:
         self.finish()
         sys.exit(f"error: {msg}" if self.master else 1)
 
+    def catch_stop(self):
+        """Ctrl-C (SIGINT) or kill (SIGTERM) asks the run to stop after the step in progress, with a
+        checkpoint (train() looks at self.stop); a second one stops at once."""
+        import signal
+        self.stop = None
+        if not threading_main():
+            return
+
+        def request_stop(signum, frame):
+            if self.stop is not None:
+                raise KeyboardInterrupt
+            self.stop = signal.Signals(signum).name
+        self.handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
     def close(self):
+        import signal
+        for sig, handler in getattr(self, "handlers", {}).items():  # give the signals back
+            signal.signal(sig, handler)
+        self.handlers = {}
         if self.lock is not None:
             self.lock.close()  # releases the lock
             self.lock = None
@@ -1781,6 +1798,16 @@ class Run:
         self.close()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def describe(self, what, model, n, micro, accum, global_batch, total, threads, workers):
+        """The run's first log line: model, data, batch split, length, device and CPU use (with a
+        note when other programs keep the cores busy)."""
+        self.log(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n} images | "
+                 f"{self.world} process(es) x micro-batch {micro} x {accum} accumulation = {global_batch} | "
+                 f"{total} steps | device {self.device}, {threads} threads, {workers} loader workers")
+        note = busy_note(threads) if self.master else None
+        if note:
+            self.log(note)
 
     def autocast(self, bf16):
         """bf16 autocast on this run's device when bf16 is on, else nothing."""
@@ -1970,6 +1997,7 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
 
     pbar = tqdm(total=total_steps, initial=start_step, disable=not run.master, dynamic_ncols=True, unit="step")
     step, t0, seen, sums, count = start_step, time.time(), 0, {}, 0
+    batches = loader = None
     try:
         while step < total_steps:
             # where this step falls in the data: the epoch, and how many of its batches are done
@@ -2007,7 +2035,8 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
 
                 # the losses of all processes, every step: a NaN on any of them stops all at once
                 names = sorted(logs)
-                values = run.mean([logs[k] for k in names] + [float(grad_norm)])
+                values = run.mean([logs[k] for k in names] + [float(grad_norm), float(run.stop is not None)])
+                stop, values = values[-1] > 0, values[:-1]  # any process asked to stop: all stop
                 logs, gnorm = dict(zip(names, values[:-1])), values[-1]
                 if not all(math.isfinite(v) for v in values):
                     run.fail(f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
@@ -2026,15 +2055,23 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
                     run.log(f"step {step}/{total_steps} epoch {epoch} | {avg} | lr {lr:.2e} | grad {gnorm:.3f} | "
                             f"{rate:.1f} {unit}/s")
                     sums, count = {}, 0
-                if step % s.ckpt_every == 0 or step == total_steps:
+                if step % s.ckpt_every == 0 or step == total_steps or stop:
                     if run.master:
                         save_checkpoint(model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
                                                          epoch=epoch, args=run_args or {}, rng=rng_state(),
                                                          **(ckpt_extra or {})), run.ckpt_path)
                     run.barrier()
+                if stop:
+                    pbar.close()
+                    run.fail(f"stopped by {run.stop or 'another process'} at step {step}, saved in {run.ckpt_path}: "
+                             f"rerun the same command to resume")
                 yield step
             del batches, loader
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Run.open turns it into one)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        # stop the loader's workers before exiting: one still sending a batch would print a traceback
+        batches = loader = None
+        import gc
+        gc.collect()
         pbar.close()
         run.stepped = True  # keep what the run wrote
         where = f"rerun the same command to resume from {run.ckpt_path}" if os.path.exists(run.ckpt_path) else \
@@ -2393,6 +2430,35 @@ def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs"):
         raise CheckpointError(f"{gpt_path} writes {gpt_model.cfg.block_size} tokens but {tok_path} uses "
                               f"{tok.cfg.num_tokens}: they do not belong together")
     return tok, gpt_model, (tok_path, gpt_path)
+
+
+def sampling_arguments(parser):
+    """The flags that decide what sample.py draws; eval_fid.py --gpt takes the same, so that the
+    same flags score the same images. sampling_settings(args) turns them into SamplingSettings."""
+    p = parser
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw (batch b of --out draws from "
+                   "seed and b: any batch can be redone alone)")
+    p.add_argument("--cfg", type=parse_guidance, default=1.0, help="classifier-free guidance: 'start,end' of a "
+                   "linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number")
+    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
+    p.add_argument("--steps", type=positive_int, help="decoder steps (default: one per group of tokens)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
+                   "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
+                   "default: on with CUDA; on a CPU it pays off for bulk sampling")
+
+
+def sampling_settings(args, cuda):
+    """SamplingSettings from sampling_arguments' flags; bf16 and compile default to on with CUDA."""
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.compile = cuda if args.compile is None else args.compile
+    return SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile)
 
 
 def class_balanced_labels(n, num_classes):

@@ -419,18 +419,7 @@ def build_parser():
     p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split; no default)")
     p.add_argument("--num-samples", type=dar.positive_int, help="how many samples (default: all; 50000 with --gpt)")
     # --gpt samples exactly as sample.py --out does: the same flags and defaults
-    p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="guidance scale, or start,end of a linear ramp "
-                   "over the tokens (the paper: 1.1,8.0 for D-AR-L)")
-    p.add_argument("--temperature", type=dar.nonneg_float, default=1.0, help="--gpt: of the token draws; 0 is greedy")
-    p.add_argument("--top-k", type=dar.nonneg_int, default=0, help="--gpt: draw among the k likeliest tokens; 0 = all")
-    p.add_argument("--top-p", type=dar.fraction, default=1.0, help="--gpt: nucleus sampling; 1 = off")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="--gpt, --recon: decoder ODE solver")
-    p.add_argument("--steps", type=dar.positive_int, help="--gpt, --recon: decoder steps (default: one per group)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples / the decoder's noise")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="--gpt: bf16 Llama weights and decoder autocast (default: on with CUDA)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="--gpt: torch.compile the DiT and the decode step (default: on with CUDA)")
+    dar.sampling_arguments(p)  # --gpt samples as sample.py does: its flags and defaults
     p.add_argument("--inception", help="fid-helper, torch-fidelity's .pth weights (read as tensors only) or a "
                    "TorchScript FID Inception (a program: its code runs, so only one you trust) (default: "
                    "torch-fidelity's, downloaded)")
@@ -450,8 +439,6 @@ def build_parser():
 def get_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    args.bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
-    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     if args.recon and (not args.tokenizer or not args.data or args.samples or args.gpt or args.ref):
         p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt or --ref")
     if not args.recon and bool(args.gpt) == bool(args.samples):
@@ -489,6 +476,7 @@ def check_paths(args, json_path):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
+    settings = dar.sampling_settings(args, device.type == "cuda")  # --gpt: exactly as sample.py draws
     json_path = args.json or default_json(args)
     check_paths(args, json_path)
     threads, workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
@@ -512,9 +500,7 @@ def main(argv=None):
     else:
         stats, ref_images = open_reference(args.ref, net, args.batch_size, workers)  # sizes checked, nothing run
         if args.gpt:
-            sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(
-                guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile), device)
+            sampler = dar.Sampler(tok, gpt, settings, device)
             source = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
                                       args.seed)
         else:

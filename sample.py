@@ -38,14 +38,7 @@ def build_parser():
                    help="class ids (default 0; a run's class names: --list-classes; Fashion-MNIST: 0 t-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, "
                    "5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot)")
     p.add_argument("--num-per-class", type=dar.positive_int, default=4, help="samples per class")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw")
-    p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="classifier-free guidance: 'start,end' "
-                   "of a linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number")
-    p.add_argument("--temperature", type=dar.nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
-    p.add_argument("--top-k", type=dar.nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
-    p.add_argument("--top-p", type=dar.fraction, default=1.0, help="nucleus sampling; 1 = off")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
-    p.add_argument("--steps", type=dar.positive_int, help="decoder steps (default: one per group of tokens)")
+    dar.sampling_arguments(p)  # --seed, --cfg, --temperature, --top-k, --top-p, --sampler, --steps, --bf16, --compile
     p.add_argument("--list-classes", action="store_true", help="print the GPT's class ids and names, then exit")
     p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step")
     p.add_argument("--layout", help="reference image whose first tokens are kept (layout control; default: none)")
@@ -55,12 +48,6 @@ def build_parser():
     p.add_argument("--out", help="directory for bulk sampling (one PNG per sample, plus DIR.npz; default: none, a grid)")
     p.add_argument("--num-samples", type=dar.positive_int, default=50000, help="--out: how many samples")
     p.add_argument("--batch-size", type=dar.positive_int, default=32, help="samples per forward")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
-                   "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
-                   "default: on with CUDA; on a CPU it pays off for bulk sampling")
     p.add_argument("--threads", type=dar.positive_int, help="compute threads (default: the cores this process may "
                    "use; on a busy machine try 1)")
     p.add_argument("--benchmark", action="store_true", help="time AR generation, pixel decoding and "
@@ -76,9 +63,7 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     # bf16 and compile pay off on GPUs (tensor cores, CUDA graphs); on a CPU they are opt-in
-    cuda = torch.cuda.is_available()
-    args.bf16 = cuda if args.bf16 is None else args.bf16
-    args.compile = cuda if args.compile is None else args.compile
+    args.settings = dar.sampling_settings(args, torch.cuda.is_available())
     # each mode its own file, so the README's commands do not overwrite each other's output
     args.grid = args.grid or ("preview.png" if args.preview else "layout.png" if args.layout else "sample.png")
     # checked now, not after the sampling: PIL picks the format from the extension
@@ -89,14 +74,6 @@ def parse_args(argv=None):
     if bool(args.layout) != bool(args.prefix_tokens):
         p.error("--layout and --prefix-tokens go together: the reference image, and how many of its tokens to keep")
     return args
-
-
-def settings_of(args):
-    """The flags that decide what is drawn, as dar.SamplingSettings (eval_fid.py --gpt builds the
-    same from the same flags)."""
-    return dar.SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
-                                compile=args.compile)
 
 
 def check_settings(args, tok_path, gpt_path):
@@ -162,7 +139,7 @@ def benchmark(args, device):
     tok = dar.Tokenizer(dar.tokenizer_config(args.tokenizer_preset, repa_dim=0)).to(device).eval()
     gpt = dar.GPT(dar.gpt_config(args.gpt_preset, vocab_size=tok.cfg.codebook_size,
                                  block_size=tok.cfg.num_tokens)).to(device).eval()
-    sampler = dar.Sampler(tok, gpt, settings_of(args), device)
+    sampler = dar.Sampler(tok, gpt, args.settings, device)
     B, N, cuda = args.batch_size, tok.cfg.num_tokens, device.type == "cuda"
     labels = torch.randint(0, gpt.cfg.num_classes, (B,), device=device)
     codes = torch.randint(0, tok.cfg.codebook_size, (B, N), device=device)
@@ -214,7 +191,7 @@ def main(argv=None):
         ref = dar.to_tensor(dar.center_crop(dar.load_image(args.layout), tok.cfg.image_size)) if args.layout else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    sampler = dar.Sampler(tok, gpt, settings_of(args), device)
+    sampler = dar.Sampler(tok, gpt, args.settings, device)
     if args.out:
         return bulk(args, sampler, gpt.cfg.num_classes)
 

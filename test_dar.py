@@ -700,10 +700,10 @@ def test_two_runs_cannot_share_a_directory(image_folder, tmp_path):
     assert metrics(out)[-1]["step"] == 1
 
 
-def test_ctrl_c_ends_a_run_with_one_line(image_folder, tmp_path):
+def test_ctrl_c_saves_and_ends_a_run_with_one_line(image_folder, tmp_path):
     cmd = [sys.executable, os.path.join(HERE, "train_tokenizer.py"), "--preset", "tokenizer_tiny", "--data",
            str(image_folder), "--out", str(tmp_path / "r"), "--global-batch", "4", "--max-steps", "100000",
-           "--workers", "1", "--ckpt-every", "2", "--log-every", "1000"]
+           "--workers", "1", "--ckpt-every", "1000", "--log-every", "1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -713,7 +713,10 @@ def test_ctrl_c_ends_a_run_with_one_line(image_folder, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert re.search(r"error: interrupted at step \d+; rerun the same command to resume from .*ckpt.pt", err)
+    # it stopped after the step in progress, saved it, and said so in one line
+    step = int(re.search(r"error: stopped by SIGINT at step (\d+), saved in .*ckpt.pt: rerun the same command to "
+                         r"resume", err).group(1))
+    assert dar.load_checkpoint(tmp_path / "r" / "ckpt.pt")["step"] == step == metrics(tmp_path / "r")[-1]["step"]
 
 
 @pytest.mark.parametrize("flags,message", [

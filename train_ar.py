@@ -243,12 +243,8 @@ def main(argv=None):
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
     start = run.resume(model, ema, optimizer, "dar.gpt", args.resume, args.no_resume, vars(args))
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    run.log(f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes): "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} images | "
-            f"{run.world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
-            f"{total} steps | device {run.device}, {args.threads} threads, {args.workers} loader workers")
-    if run.master and dar.busy_note(args.threads):
-        run.log(dar.busy_note(args.threads))
+    run.describe(f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)",
+                 model, len(dataset), micro, accum, args.global_batch, total, args.threads, args.workers)
 
     # the paper's schedule: constant, then linear to 1e-5 over the last decay_epochs
     decay_start = max(0, total - round(args.decay_epochs * (len(dataset) // args.global_batch)))

@@ -161,12 +161,8 @@ def main(argv=None):
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
     start = run.resume(model, ema, optimizer, "dar.tokenizer", args.resume, args.no_resume, vars(args))
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    run.log(f"tokenizer {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
-            f"{len(dataset)} images | {run.world} process(es) x micro-batch {micro} x {accum} accumulation = "
-            f"{args.global_batch} | {total} steps | device {run.device}, {args.threads} threads, "
-            f"{args.workers} loader workers")
-    if run.master and dar.busy_note(args.threads):
-        run.log(dar.busy_note(args.threads))
+    run.describe(f"tokenizer {args.preset}", model, len(dataset), micro, accum, args.global_batch, total,
+                 args.threads, args.workers)
 
     # the paper's schedule: linear warm-up, then constant (the official run never decays: the EMA
     # weights do the averaging a decay would)
