@@ -27,7 +27,8 @@ takes to run it (checkpoints, data, distributed training, sampling helpers). Rea
     section 11  generation: guidance, streaming into the decoder
     section 12  presets
   PART II: running D-AR
-    section 13  checkpoints: atomic saving, safe loading, the official format
+    section 13  checkpoints: atomic saving, safe loading, the official format, the released
+                weights by name (Hugging Face hub)
     section 14  images and datasets
     section 15  training runs: processes, seeds, data order, resume, the loop
     section 16  sampling and evaluation: loading models, batches, timing
@@ -689,6 +690,12 @@ class Tokenizer(nn.Module):
         """Load a tokenizer from our checkpoints or the official ones (EMA weights when present)."""
         return load_tokenizer(path, use_ema, map_location)
 
+    @classmethod
+    def from_pretrained(cls, name="tokenizer_v1", map_location="cpu"):
+        """The released tokenizer by name (tokenizer_v1), downloaded once from the Hugging Face hub
+        (section 13) and loaded like any official checkpoint (EMA weights)."""
+        return load_tokenizer(pretrained_path(name, "tokenizer"), map_location=map_location)
+
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
@@ -898,6 +905,12 @@ class GPT(nn.Module):
         sequence length, which they do not store, is block_size or 256)."""
         return load_gpt(path, use_ema, map_location, block_size)
 
+    @classmethod
+    def from_pretrained(cls, name="D-AR-L", map_location="cpu", block_size=None):
+        """A released GPT by name (D-AR-L, D-AR-XL), downloaded once from the Hugging Face hub
+        (section 13); its tokenizer is Tokenizer.from_pretrained("tokenizer_v1")."""
+        return load_gpt(pretrained_path(name, "gpt"), map_location=map_location, block_size=block_size)
+
 # -----------------------------------------------------------------------------
 # section 11. Generation: prefill / decode one token, classifier-free guidance with a linear
 # schedule, streaming into the decoder; and the AR training loss
@@ -1077,7 +1090,8 @@ def gpt_config(preset, **overrides):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format
+# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format, the
+# released weights by name
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind (one-line message)."""
@@ -1329,6 +1343,111 @@ def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
     else:
         raise _wrong_kind(path, kind, "GPT")
     return _load_weights(GPT(cfg), sd, path).to(map_location)
+
+
+def check_pair(tok, gpt, tok_name, gpt_name):
+    """A GPT belongs to a tokenizer when it predicts its codes, as many as the tokenizer uses."""
+    if gpt.cfg.vocab_size != tok.cfg.codebook_size:
+        raise CheckpointError(f"{gpt_name} predicts {gpt.cfg.vocab_size} codes but {tok_name} has a "
+                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
+    if gpt.cfg.block_size != tok.cfg.num_tokens:
+        raise CheckpointError(f"{gpt_name} writes {gpt.cfg.block_size} tokens but {tok_name} uses "
+                              f"{tok.cfg.num_tokens}: they do not belong together")
+
+
+# --- The released weights, by name ---------------------------------------------------------------
+# The official checkpoints live in one Hugging Face hub repository. A name fetches its file once
+# with huggingface_hub into the standard cache (HF_HOME): later runs, and HF_HUB_OFFLINE=1 runs,
+# read the cache; HF_ENDPOINT points it at a mirror. The file then goes through the same safe
+# loader as any other checkpoint.
+
+HUB_REPO = "showlab/D-AR"
+HUB_URL = f"https://huggingface.co/{HUB_REPO}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released file; a GPT also names its tokenizer and the paper's guidance for it."""
+    file: str
+    kind: str                        # "tokenizer" or "gpt"
+    tokenizer: Optional[str] = None  # a GPT's tokenizer, by its released name
+    guidance: object = None          # a GPT's guidance in the paper: (start, end) of the linear schedule
+
+
+RELEASES = {
+    "tokenizer_v1": Release("D-AR-tokenizer_v1.pt", "tokenizer"),
+    "D-AR-L": Release("D-AR-L-360K.pt", "gpt", "tokenizer_v1", (1.1, 8.0)),
+    "D-AR-XL": Release("D-AR-XL-360K.pt", "gpt", "tokenizer_v1", (1.1, 10.0)),
+}
+
+
+def released_names(kind):
+    return [name for name, r in RELEASES.items() if r.kind == kind]
+
+
+def pretrained_path(name, kind):
+    """The local path of the released `kind` ("tokenizer" or "gpt") called name, fetched if need be."""
+    if name not in released_names(kind):
+        raise CheckpointError(f"no released {kind} is called {name!r}: choose from {', '.join(released_names(kind))}")
+    return fetch_release(name)
+
+
+def fetch_release(name):
+    """The local path of a released file, downloaded on first use (resuming a partial download)."""
+    file = RELEASES[name].file
+    # imported here: only names need it, and huggingface_hub reads HF_HOME / HF_ENDPOINT /
+    # HF_HUB_OFFLINE when it is first imported
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(f"{name} is downloaded with huggingface_hub (pip install huggingface_hub); or "
+                              f"download {file} from {HUB_URL} and pass its path") from None
+    try:
+        return hf_hub_download(HUB_REPO, file)
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
+        raise CheckpointError(f"{file} ({name}) is not in the Hugging Face cache and the hub cannot be reached: "
+                              f"download it from {HUB_URL} elsewhere and pass its path instead of the name, "
+                              f"or set HF_ENDPOINT to a mirror of the hub") from None
+    except OSError as e:  # HTTP errors (a mirror without the file...), a full disk
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot download {file} ({name}) from "
+                              f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{HUB_REPO}: {reason}") from None
+
+
+@dataclass
+class Weights:
+    """Where a model's weights are read from: a local file, which may be a released file (fetched
+    from the hub by its name, or a copy of it under its released file name)."""
+    path: str
+    release: Optional[str] = None  # the released name the file is
+    hub: bool = False              # fetched by name (the path is in the hub cache)
+
+    def __str__(self):
+        if self.hub:
+            return f"{self.release} ({HUB_REPO}/{RELEASES[self.release].file} from the hub)"
+        return self.path + (f" (the released {self.release})" if self.release else "")
+
+
+def release_of(source, kind):
+    """The released name a checkpoint argument stands for: a released name of this kind, or a local
+    file under a released file name; None for any other file."""
+    source = os.fspath(source)
+    if os.path.exists(source):
+        return {RELEASES[n].file: n for n in released_names(kind)}.get(os.path.basename(source))
+    return source if source in released_names(kind) else None
+
+
+def resolve_weights(source, kind):
+    """A checkpoint argument -> Weights. A path that exists is that file (a path always wins over
+    a name); a released name of this kind is fetched from the hub; anything else is missing."""
+    source, release = os.fspath(source), release_of(source, kind)
+    if os.path.exists(source):
+        return Weights(source, release)
+    if release:
+        return Weights(fetch_release(release), release, hub=True)
+    raise CheckpointError(f"checkpoint not found: {source} (nor is it a released {kind}: "
+                          f"{', '.join(released_names(kind))})")
 
 # -----------------------------------------------------------------------------
 # section 14. Images and datasets
@@ -2096,22 +2215,53 @@ def latest(pattern):
     return found[-1] if found else None
 
 
-def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs"):
-    """(tokenizer, GPT, their paths) from two checkpoints, ours or official; each defaults to the
-    newest run under runs/. Checked to belong together: the GPT writes the tokenizer's codes."""
-    tok_path = tokenizer or latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
-    gpt_path = gpt or latest(os.path.join(runs, "GPT*", "ckpt.pt"))
-    if not tok_path or not gpt_path:
-        raise CheckpointError(f"no checkpoints given and none found under {runs}/: pass --tokenizer and --gpt")
-    tok = Tokenizer.from_checkpoint(tok_path).to(device)
-    gpt_model = GPT.from_checkpoint(gpt_path, block_size=tok.cfg.num_tokens).to(device)
-    if gpt_model.cfg.vocab_size != tok.cfg.codebook_size:
-        raise CheckpointError(f"{gpt_path} predicts {gpt_model.cfg.vocab_size} codes but {tok_path} has a "
-                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
-    if gpt_model.cfg.block_size != tok.cfg.num_tokens:
-        raise CheckpointError(f"{gpt_path} writes {gpt_model.cfg.block_size} tokens but {tok_path} uses "
-                              f"{tok.cfg.num_tokens}: they do not belong together")
-    return tok, gpt_model, (tok_path, gpt_path)
+def format_guidance(guidance):
+    """(1.1, 8.0) -> '1.1,8.0', the form --cfg takes."""
+    return ",".join(map(str, guidance)) if isinstance(guidance, (tuple, list)) else str(guidance)
+
+
+@dataclass
+class SamplingWeights:
+    """What sample.py and eval_fid.py sample with: where each model comes from, and the guidance."""
+    tokenizer: Weights
+    gpt: Weights
+    guidance: object
+    papers: bool  # the guidance is the paper's for this released GPT (none was asked for)
+
+    def __str__(self):  # the line the scripts print
+        why = f" (the paper's for {self.gpt.release})" if self.papers else ""
+        return (f"weights: tokenizer {self.tokenizer} | GPT {self.gpt} | guidance "
+                f"{format_guidance(self.guidance)}{why}")
+
+
+DEFAULT_GPT = "D-AR-L"  # what a fresh clone samples with: the released D-AR-L and its tokenizer
+
+
+def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs", guidance=None):
+    """(tokenizer, GPT, SamplingWeights). tokenizer and gpt are checkpoints (ours or official) or
+    released names. A GPT that is a released file brings its tokenizer; a model not given is the
+    newest run under runs/; given none and finding no run, the released D-AR-L. Checked to belong
+    together: the GPT writes the tokenizer's codes. guidance: the one asked for; None takes the
+    paper's for a released GPT, and 1 (none) for any other."""
+    tok_run = latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
+    gpt_run = latest(os.path.join(runs, "GPT*", "ckpt.pt"))
+    if tokenizer is None and gpt is None and not tok_run and not gpt_run:
+        gpt = DEFAULT_GPT
+    gpt = gpt or gpt_run
+    release = gpt and release_of(gpt, "gpt")
+    tokenizer = tokenizer or (RELEASES[release].tokenizer if release else tok_run)
+    # both named before anything is downloaded
+    for what, source in (("gpt", gpt), ("tokenizer", tokenizer)):
+        if not source:
+            raise CheckpointError(f"no {what} given and none found under {runs}/: pass --{what} (a checkpoint, "
+                                  f"or a released name: {', '.join(released_names(what))})")
+    tok_w, gpt_w = resolve_weights(tokenizer, "tokenizer"), resolve_weights(gpt, "gpt")
+    tok = load_tokenizer(tok_w.path).to(device)
+    gpt_model = load_gpt(gpt_w.path, block_size=tok.cfg.num_tokens).to(device)
+    check_pair(tok, gpt_model, tok_w, gpt_w)
+    papers = guidance is None and gpt_w.release is not None
+    guidance = RELEASES[gpt_w.release].guidance if papers else 1.0 if guidance is None else guidance
+    return tok, gpt_model, SamplingWeights(tok_w, gpt_w, guidance, papers)
 
 
 def class_balanced_labels(n, num_classes):

@@ -9,9 +9,8 @@ or a folder of images.
 
 $ python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # from sample.py --out samples/
 $ python eval_fid.py samples/ --ref VIRTUAL_imagenet256_labeled.npz      # a folder of PNGs
-$ python eval_fid.py --gpt D-AR-L-360K.pt --tokenizer D-AR-tokenizer_v1.pt \\
-    --ref VIRTUAL_imagenet256_labeled.npz --cfg 1.1,8.0                    # sample on the fly
-$ python eval_fid.py --recon --tokenizer D-AR-tokenizer_v1.pt --data imagenet/val   # rFID
+$ python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz     # sample on the fly (cfg 1.1,8.0)
+$ python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val         # rFID
 $ python eval_fid.py --recon --tokenizer tok.pt --data fashion-mnist --num-samples 10000
 
 The network is torch-fidelity's InceptionV3 by default, a port of the TF graph that reproduces the
@@ -338,14 +337,16 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
     p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images")
-    p.add_argument("--gpt", help="sample on the fly with this GPT checkpoint (and --tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint, for --gpt and --recon")
+    p.add_argument("--gpt", help="sample on the fly with this GPT: a checkpoint or a released name (D-AR-L, "
+                   "D-AR-XL; fetched from the Hugging Face hub once)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint or released name (tokenizer_v1), for --gpt (default: "
+                   "a released GPT's, else the newest runs/tokenizer*/ckpt.pt) and --recon")
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
     p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split)")
     p.add_argument("--num-samples", type=int, help="how many samples (default: all; 50000 with --gpt)")
     # --gpt samples exactly as sample.py --out does: the same flags and defaults
-    p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="guidance scale, or start,end of a linear ramp "
-                   "over the tokens (the paper: 1.1,8.0 for D-AR-L; default 1.0)")
+    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance scale, or start,end of a linear ramp over the "
+                   "tokens (default: the paper's for a released GPT, D-AR-L 1.1,8.0 and XL 1.1,10.0; else 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="--gpt: of the token draws (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="--gpt: draw among the k likeliest tokens (default 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="--gpt: nucleus sampling (default 1.0: off)")
@@ -369,9 +370,7 @@ def get_args(argv=None):
     if args.recon and (not args.tokenizer or not args.data or args.samples or args.gpt or args.ref):
         p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt or --ref")
     if not args.recon and bool(args.gpt) == bool(args.samples):
-        p.error("give either samples (an .npz or a folder) or --gpt with --tokenizer")
-    if args.gpt and not args.tokenizer:
-        p.error("--gpt needs --tokenizer")
+        p.error("give either samples (an .npz or a folder) or --gpt")
     if not args.recon and not args.ref:
         p.error("--ref is required: an ADM reference batch .npz, an .npz of images or a folder")
     return args
@@ -391,7 +390,9 @@ def main(argv=None):
         raise FileNotFoundError(f"{args.samples}: no such file or directory")
     net = InceptionNet(args.inception, device)
     if args.recon:  # the originals are the reference, featurised in the same pass
-        tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
+        weights = dar.resolve_weights(args.tokenizer, "tokenizer")
+        print(f"weights: tokenizer {weights}")
+        tok = dar.load_tokenizer(weights.path, map_location=device)
         batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, args.workers,
                                   args.sampler, args.steps)
         originals, samples = extract(net, *batches, desc="reconstructions")
@@ -400,7 +401,9 @@ def main(argv=None):
     else:
         ref = reference(args.ref, net, args.batch_size, args.workers)
         if args.gpt:
-            tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)  # checked to belong together
+            tok, gpt, used = dar.load_models(args.tokenizer, args.gpt, device, guidance=args.cfg)  # they belong together
+            print(used)
+            args.cfg = used.guidance
             sampler = dar.Sampler(tok, gpt, dar.SamplingSettings(
                 guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile), device)

@@ -2,12 +2,21 @@
 Sample images with D-AR: the Llama writes tokens, and every finished group of tokens is decoded
 into one more step of pixel diffusion as it arrives (streaming).
 
-    python sample.py --class 207                         # latest checkpoints under runs/ -> sample.png
+    python sample.py --class 207                         # -> sample.png: 4 golden retrievers (see below)
     python sample.py --class 207 360 --num-per-class 4 --cfg 1.1,8.0 --seed 1
     python sample.py --class 3 --preview                 # -> preview.png: one row per sample, the image after each group
     python sample.py --class 1 5 9 --layout ref.png --prefix-tokens 16   # -> layout.png: zero-shot layout control
-    python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207 --cfg 1.1,8.0
+    python sample.py --gpt D-AR-XL --class 207           # the released XL (guidance 1.1,10.0, the paper's)
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207   # files downloaded by hand
     torchrun --nproc_per_node=8 sample.py --tokenizer ... --gpt ... --out samples/ --num-samples 50000
+
+The weights: --tokenizer and --gpt take a checkpoint (ours or official) or a released name
+(tokenizer_v1; D-AR-L, D-AR-XL), which is downloaded once from the Hugging Face hub (showlab/D-AR)
+into its cache (HF_HOME; HF_ENDPOINT for a mirror, HF_HUB_OFFLINE=1 to use the cache only). A
+released GPT brings its tokenizer. Given neither, the newest runs under runs/ are used, and on a
+fresh clone with no runs the released tokenizer_v1 + D-AR-L. A released GPT samples with the
+paper's guidance unless --cfg says otherwise; any other with none (1.0). The first line printed
+says which weights and guidance are used.
 
 --out DIR writes one PNG per sample (DIR/000123.png, class = index mod number of classes, so the
 labels are balanced) and DIR.npz in the ADM evaluator layout (arr_0: uint8 NHWC images, arr_1:
@@ -32,15 +41,18 @@ import dar
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: newest runs/tokenizer*/ckpt.pt)")
-    p.add_argument("--gpt", help="GPT checkpoint (default: newest runs/GPT*/ckpt.pt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint or released name (tokenizer_v1); default: the GPT's "
+                   "if it is released, else the newest runs/tokenizer*/ckpt.pt")
+    p.add_argument("--gpt", help="GPT checkpoint or released name (D-AR-L, D-AR-XL); default: the newest "
+                   "runs/GPT*/ckpt.pt, and D-AR-L when runs/ holds no run")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=[0],
                    help="class ids (default 0; Fashion-MNIST: 0 t-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, "
                    "5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot)")
     p.add_argument("--num-per-class", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="classifier-free guidance: 'start,end' "
-                   "of a linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number (default 1.0)")
+    p.add_argument("--cfg", type=dar.parse_guidance, help="classifier-free guidance: 'start,end' of a linear "
+                   "schedule over the tokens, or one number (default: the paper's for a released GPT, D-AR-L "
+                   "1.1,8.0 and XL 1.1,10.0; 1.0, none, for any other)")
     p.add_argument("--temperature", type=float, default=1.0, help="of the token draws; 0 is greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest tokens; 0 = all (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off (default 1.0)")
@@ -66,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--gpt-preset", default="GPT-L", help="--benchmark: GPT size (default GPT-L)")
     p.add_argument("--repeats", type=int, default=5, help="--benchmark: timed runs (median) after one warm-up (default 5)")
     args = p.parse_args(argv)
+    if args.benchmark and args.cfg is None:  # random weights: no paper's guidance to take
+        args.cfg = 1.0
     cuda = torch.cuda.is_available()
     args.bf16 = cuda if args.bf16 is None else args.bf16
     args.compile = cuda if args.compile is None else args.compile
@@ -142,7 +156,10 @@ def main(argv=None):
 
     # models, and every input checked before any work
     try:
-        tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)
+        tok, gpt, used = dar.load_models(args.tokenizer, args.gpt, device, guidance=args.cfg)
+        args.cfg = used.guidance
+        if rank == 0:
+            print(used)
         bad = [c for c in args.classes if not 0 <= c < gpt.cfg.num_classes]
         if bad:
             raise ValueError(f"--class {bad[0]} is outside this model's classes 0..{gpt.cfg.num_classes - 1}")

@@ -8,6 +8,8 @@ then tiny end-to-end runs of the scripts. CPU, float32, fixed seeds, no network.
 
 import argparse
 import ast
+import hashlib
+import http.server
 import importlib.util
 import json
 import math
@@ -16,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -892,6 +895,113 @@ def test_benchmark_entry_points(tmp_path, capsys):
     assert re.search(r"benchmark GPT-tiny \| batch 2 .* tok/s", out)
     for stage in ("AR generation", "pixel decoding", "end to end"):
         assert re.search(stage + r" +[\d.]+ s", out), stage
+
+
+# -----------------------------------------------------------------------------
+# The released weights by name: a loopback server stands in for the Hugging Face hub, serving the
+# golden official-format checkpoints under the released file names
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """What hf_hub_download asks of the hub: HEAD, then GET, of /{repo}/resolve/{revision}/{file},
+    answered with the headers it needs (X-Repo-Commit, ETag, Content-Length)."""
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        self.server.requests.append((self.command, self.path))
+        m = re.fullmatch(r"/showlab/D-AR/resolve/main/([^/?]+)", self.path)
+        data = self.server.files.get(m.group(1)) if m else None
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.requests = []
+    server.files = {"D-AR-tokenizer_v1.pt": open(OFFICIAL[1], "rb").read(),
+                    "D-AR-L-360K.pt": open(OFFICIAL[3], "rb").read()}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def hub_env(server, home):
+    """The environment of a fresh clone whose hub is `server`, with `home` as HF_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    return {**env, "HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_sample_fetches_the_released_weights_once_then_runs_offline(tmp_path, fake_hub):
+    """python sample.py --class 3 on a fresh clone (no weights given, no runs/): the released
+    tokenizer_v1 + D-AR-L are downloaded once and sampled with the paper's guidance; the cache then
+    serves an offline run the same image; offline with an empty cache is one line, no traceback."""
+    clone = tmp_path / "clone"
+    os.makedirs(clone)
+    env = hub_env(fake_hub, tmp_path / "hf")
+    first = script("sample.py", "--class", "3", env=env, cwd=clone)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert ("weights: tokenizer tokenizer_v1 (showlab/D-AR/D-AR-tokenizer_v1.pt from the hub) | GPT D-AR-L "
+            "(showlab/D-AR/D-AR-L-360K.pt from the hub) | guidance 1.1,8.0 (the paper's for D-AR-L)") in first.stdout
+    gets = sorted(path for method, path in fake_hub.requests if method == "GET")
+    assert gets == ["/showlab/D-AR/resolve/main/D-AR-L-360K.pt", "/showlab/D-AR/resolve/main/D-AR-tokenizer_v1.pt"]
+    os.rename(clone / "sample.png", clone / "first.png")
+
+    seen = len(fake_hub.requests)
+    again = script("sample.py", "--class", "3", env={**env, "HF_HUB_OFFLINE": "1"}, cwd=clone)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(fake_hub.requests) == seen  # not one request: the cache alone
+    assert np.array_equal(np.asarray(Image.open(clone / "sample.png")), np.asarray(Image.open(clone / "first.png")))
+
+    empty = script("sample.py", "--class", "3", env={**hub_env(fake_hub, tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
+                   cwd=clone)
+    lines = empty.stderr.strip().splitlines()
+    assert empty.returncode != 0 and len(lines) == 1 and "Traceback" not in empty.stderr, empty.stderr
+    for what in ("D-AR-tokenizer_v1.pt", "https://huggingface.co/showlab/D-AR", "pass its path", "HF_ENDPOINT"):
+        assert what in lines[0], what
+    assert len(fake_hub.requests) == seen
+
+
+def test_local_files_and_names(tmp_path, monkeypatch):
+    """A path that exists is a path, even one named like a release; a copy under a released file
+    name is known for what it is (the paper's guidance); a typo says what the names are."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("D-AR-L")  # a path called like a release is that path: nothing is downloaded
+    assert dar.resolve_weights("D-AR-L", "gpt") == dar.Weights("D-AR-L")
+    with pytest.raises(dar.CheckpointError, match="not found: nowhere.pt .*released gpt: D-AR-L, D-AR-XL"):
+        dar.resolve_weights("nowhere.pt", "gpt")
+    os.symlink(OFFICIAL[3], "D-AR-XL-360K.pt")
+    w = dar.resolve_weights("D-AR-XL-360K.pt", "gpt")
+    assert (w.path, w.release, w.hub) == ("D-AR-XL-360K.pt", "D-AR-XL", False)
+    with pytest.raises(dar.CheckpointError, match="no released tokenizer is called 'D-AR-L'"):
+        dar.Tokenizer.from_pretrained("D-AR-L")
+    tok, gpt, used = dar.load_models(OFFICIAL[1], "D-AR-XL-360K.pt")
+    assert used.guidance == (1.1, 10.0) and str(used).endswith("guidance 1.1,10.0 (the paper's for D-AR-XL)")
+    assert dar.load_models(OFFICIAL[1], "D-AR-XL-360K.pt", guidance=2.0)[2].guidance == 2.0
+    assert dar.load_models(*OFFICIAL[1::2])[2].guidance == 1.0  # not a released file: no guidance
+    with pytest.raises(dar.CheckpointError, match="no gpt given and none found under runs/: pass --gpt"):
+        dar.load_models(OFFICIAL[1])
 
 
 # -----------------------------------------------------------------------------
