@@ -49,7 +49,7 @@ import tempfile
 import time
 import zipfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -1295,6 +1295,11 @@ def _config_from_dict(cls, d):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def checkpoint_config(ckpt):
+    """The model config saved in one of our checkpoints."""
+    return _config_from_dict({"dar.tokenizer": TokenizerConfig, "dar.gpt": GPTConfig}[ckpt["kind"]], ckpt["config"])
+
+
 def _load_weights(model, sd, path):
     # strict, but as one CheckpointError line instead of load_state_dict's long report
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -1791,21 +1796,31 @@ class Run:
         """bf16 autocast on this run's device when bf16 is on, else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    def resume(self, model, ema, optimizer, kind, path=None, fresh=False):
-        """Restore model, EMA, optimizer and RNG states from path (or the run's own ckpt.pt when it
-        exists) and return the step to go on from; 0 for a new run (or with fresh=True)."""
+    def resume_checkpoint(self, kind, path=None, fresh=False):
+        """The training checkpoint to go on from: path, or the run's own ckpt.pt when it exists;
+        None for a new run (or with fresh=True). Its config, not the flags, rebuilds the model."""
         path = path or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
         if path is None or fresh:
-            return 0
-        ckpt = load_checkpoint(path)
+            return None
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            self.fail(str(e))
         if ckpt.get("kind") != kind or "optimizer" not in ckpt:
             self.fail(f"{path} is not a {kind} training checkpoint to resume from")
+        self.log(f"resuming from {path} at step {ckpt['step']}")
+        return ckpt
+
+    def resume(self, ckpt, model, ema, optimizer):
+        """Restore model, EMA, optimizer and RNG states from a resume_checkpoint and return the
+        step to go on from; 0 without one (a new run)."""
+        if ckpt is None:
+            return 0
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        self.log(f"resuming from {path} at step {ckpt['step']}")
         return ckpt["step"]
 
 
@@ -1870,6 +1885,53 @@ def new_model(make_model, seed, device, ema_decay):
         ema = make_model().to(device).requires_grad_(False).eval()
         ema.load_state_dict(model.state_dict())
     return model, ema
+
+
+# Fine-tuning (--init-from) starts from trained weights, ours or official: the model takes the size
+# of the weights, and only what the new run needs changes (the GPT's class table; the tokenizer's
+# image size and its training-only REPA projector).
+
+def gpt_to_finetune(source, tok, num_classes, seed, log=print):
+    """The GPT of `source` (a checkpoint or a released name; EMA weights when it has them), ready for
+    a run on num_classes classes over the codes of tok. Another number of classes resizes the class
+    table: the classes both tables have keep their rows, new rows are drawn as initialize_weights
+    draws them (N(0, 0.02), from seed), and the null class row stays the last one."""
+    weights = resolve_weights(source, "gpt")
+    gpt = load_gpt(weights.path, block_size=tok.cfg.num_tokens)
+    check_pair(tok, gpt, "the tokenizer", weights)
+    old, dim = gpt.cfg.num_classes, gpt.cfg.dim
+    log(f"starting from {weights}: {gpt.cfg.n_layer} layers, dim {dim}, {old} classes")
+    if num_classes != old:
+        released = gpt.class_embed.weight.detach()
+        table = torch.empty(num_classes + 1, dim).normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+        keep = min(old, num_classes)
+        table[:keep], table[-1] = released[:keep], released[-1]
+        gpt.class_embed = nn.Embedding.from_pretrained(table, freeze=False)
+        gpt.cfg.num_classes = num_classes
+        change = f"{num_classes - old} new rows ~ N(0, 0.02)" if num_classes > old else f"classes {keep}..{old - 1} dropped"
+        log(f"class table resized from {old} to {num_classes} classes: classes 0..{keep - 1} keep their rows, "
+            f"{change}, the null class row moves from {old} to {num_classes}")
+    return gpt.train()
+
+
+def tokenizer_to_finetune(source, repa_dim, seed, image_size=None, log=print):
+    """The tokenizer of `source` (a checkpoint or a released name; EMA weights when it has them),
+    rebuilt at image_size (default: its own) with a REPA projector only when the run trains REPA
+    (repa_dim > 0): the file's when it has one, else a new one (drawn from seed)."""
+    weights = resolve_weights(source, "tokenizer")
+    tok = load_tokenizer(weights.path)
+    had = tok.cfg.repa_dim > 0
+    cfg = replace(tok.cfg, repa_dim=repa_dim, image_size=image_size or tok.cfg.image_size)
+    torch.manual_seed(seed)
+    model = Tokenizer(cfg)
+    sd = {k: v for k, v in tok.state_dict().items() if repa_dim or not k.startswith("dit.repa.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("dit.repa.") for k in missing):
+        raise CheckpointError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    repa = "none" if not repa_dim else "the file's" if had else "new"
+    log(f"starting from {weights}: {cfg.image_size} px, {cfg.num_tokens} tokens in {cfg.num_groups} groups, "
+        f"codebook {cfg.codebook_size}, REPA projector {repa}")
+    return model.train()
 
 
 @torch.no_grad()
@@ -2101,6 +2163,10 @@ def training_arguments(parser):
     p.add_argument("--sample-every", type=int, help="steps between sample images")
     p.add_argument("--resume", help="checkpoint to resume from (default: <out>/ckpt.pt when it exists)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
+    p.add_argument("--init-from", help="start a new run from these weights (fine-tuning): a checkpoint, ours "
+                   "or official, or a released name (" + ", ".join(RELEASES) + "); the model's size comes "
+                   "from them, the preset gives the run settings, and a run that resumes ignores it "
+                   "(default: random weights)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -2122,7 +2188,10 @@ def fill_run_defaults(args, defaults):
     cuda = torch.cuda.is_available()
     args.compile = cuda if args.compile is None else args.compile
     args.bf16 = cuda if args.bf16 is None else args.bf16
-    args.out = args.out or os.path.join("runs", args.preset)
+    # a fine-tune is named after what it starts from: runs/GPT-small-from-D-AR-L
+    init = args.init_from and (release_of(args.init_from, "gpt") or release_of(args.init_from, "tokenizer"))
+    name = f"{args.preset}-from-{init}" if init else f"{args.preset}-finetune" if args.init_from else args.preset
+    args.out = args.out or os.path.join("runs", name)
     return args
 
 

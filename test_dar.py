@@ -899,7 +899,7 @@ def test_benchmark_entry_points(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # The released weights by name: a loopback server stands in for the Hugging Face hub, serving the
-# golden official-format checkpoints under the released file names
+# golden official-format checkpoints under the released file names; then fine-tuning
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
@@ -983,6 +983,18 @@ def test_sample_fetches_the_released_weights_once_then_runs_offline(tmp_path, fa
     assert len(fake_hub.requests) == seen
 
 
+def test_finetune_from_a_released_name(tmp_path, fake_hub, three_classes):
+    """train_ar.py --init-from D-AR-L --data my_folder: the released GPT and, with it, its tokenizer."""
+    env = {**hub_env(fake_hub, tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    ft = script("train_ar.py", "--init-from", "D-AR-L", "--data", three_classes, "--preset", "GPT-tiny",
+                "--no-augment", "--global-batch", "6", "--max-steps", "2", *TINY, env=env, cwd=tmp_path)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    log = open(tmp_path / "runs" / "GPT-tiny-from-D-AR-L" / "log.txt").read()
+    assert "tokenizer tokenizer_v1 (showlab/D-AR/D-AR-tokenizer_v1.pt from the hub) (frozen)" in log
+    assert "starting from D-AR-L (showlab/D-AR/D-AR-L-360K.pt from the hub): 2 layers, dim 128, 10 classes" in log
+    assert "class table resized from 10 to 3 classes" in log
+
+
 def test_local_files_and_names(tmp_path, monkeypatch):
     """A path that exists is a path, even one named like a release; a copy under a released file
     name is known for what it is (the paper's guidance); a typo says what the names are."""
@@ -1002,6 +1014,75 @@ def test_local_files_and_names(tmp_path, monkeypatch):
     assert dar.load_models(*OFFICIAL[1::2])[2].guidance == 1.0  # not a released file: no guidance
     with pytest.raises(dar.CheckpointError, match="no gpt given and none found under runs/: pass --gpt"):
         dar.load_models(OFFICIAL[1])
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """Three classes of four 64 x 64 images (the golden tokenizer's size), each class its own colour."""
+    root = tmp_path_factory.mktemp("three")
+    rng = np.random.default_rng(1)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        os.makedirs(root / f"c{c}")
+        for i in range(4):
+            x = np.clip(np.array(colour) + rng.integers(-30, 30, (64, 64, 3)), 0, 255)
+            Image.fromarray(x.astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_finetune_the_official_tokenizer(three_classes, tmp_path):
+    """The size comes from the weights (the preset gives the run settings); the REPA projector is
+    dropped when the run does not train it, and a new one is made when it does and the file has none."""
+    out = tmp_path / "tok"
+    train_tokenizer.main(list(map(str, ["--preset", "tokenizer_tiny", "--init-from", OFFICIAL[1], "--data", three_classes,
+                                        "--out", out, "--global-batch", "6", "--max-steps", "2", *TINY])))
+    ckpt = dar.load_checkpoint(out / "ckpt.pt")
+    assert (ckpt["config"]["enc_dim"], ckpt["config"]["image_size"], ckpt["step"]) == (128, 64, 2)
+    assert "starting from " + OFFICIAL[1] in open(out / "log.txt").read()
+    golden = dar.Tokenizer.from_checkpoint(OFFICIAL[1]).state_dict()
+    tok = dar.tokenizer_to_finetune(OFFICIAL[1], repa_dim=768, seed=0, image_size=32, log=lambda line: None)
+    assert tok.cfg.image_size == 32 and tok.dit.repa is not None and tok.training
+    for k, v in tok.state_dict().items():
+        assert k.startswith("dit.repa.") or torch.equal(v, golden[k]), k
+
+
+def test_class_table_of_a_finetune():
+    """Fewer classes keep the first rows; more add rows drawn as the model's init; the null class
+    row is the released one, last."""
+    released = dar.GPT.from_checkpoint(OFFICIAL[3]).class_embed.weight.detach()          # (11, 128): 10 + null
+    tok = dar.Tokenizer.from_checkpoint(OFFICIAL[1])
+    notes = []
+    fewer = dar.gpt_to_finetune(OFFICIAL[3], tok, 3, seed=0, log=notes.append).class_embed.weight.detach()
+    assert fewer.shape == (4, 128) and torch.equal(fewer[:3], released[:3]) and torch.equal(fewer[3], released[10])
+    assert "class table resized from 10 to 3 classes" in notes[-1] and "null class row moves from 10 to 3" in notes[-1]
+    more = dar.gpt_to_finetune(OFFICIAL[3], tok, 12, seed=0, log=notes.append)
+    table = more.class_embed.weight.detach()
+    assert more.cfg.num_classes == 12 and table.shape == (13, 128) and more.class_embed.weight.requires_grad
+    assert torch.equal(table[:10], released[:10]) and torch.equal(table[12], released[10])
+    assert 0.01 < table[10:12].std() < 0.03 and abs(table[10:12].mean()) < 0.01
+
+
+def test_finetune_the_official_gpt_on_other_classes(three_classes, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["--preset", "GPT-tiny", "--init-from", OFFICIAL[3], "--tokenizer", OFFICIAL[1], "--data", three_classes,
+            "--out", out, "--codes-dir", tmp_path / "codes", "--no-augment", "--global-batch", "12", "--lr", "3e-3",
+            *TINY]
+    train_ar.main(list(map(str, argv + ["--max-steps", "12"])))
+    log = open(out / "log.txt").read()
+    assert "class table resized from 10 to 3 classes" in log
+    losses = [m["loss"] for m in metrics(out)]
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+    cfg = dar.load_checkpoint(out / "ckpt.pt")["config"]
+    assert (cfg["n_layer"], cfg["dim"], cfg["num_classes"]) == (2, 128, 3)  # the size of the weights, not GPT-tiny's
+    # a crash and the same command again: the fine-tune goes on, the released weights are not reloaded
+    train_ar.main(list(map(str, argv + ["--max-steps", "14"])))
+    log = open(out / "log.txt").read()
+    assert "resuming from" in log and "--init-from" in log and log.count("class table resized") == 1
+    assert [m["step"] for m in metrics(out)] == list(range(1, 15))
+    # and it samples
+    sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(out / "ckpt.pt"), "--class", "0", "1", "2",
+                        "--num-per-class", "1", "--grid", str(tmp_path / "ft.png")])
+    assert grid_cells(tmp_path / "ft.png", 3, 1).shape == (3, 1, 64, 64, 3)  # one row per class
+    assert "guidance 1.0" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
