@@ -1559,6 +1559,15 @@ def save_grid(images, path, nrow=8):
     grid_image(images, nrow).save(path)
 
 
+def save_animation(frames, path, nrow=8, seconds=0.6, hold=2.0):
+    """An animated GIF (WebP by the extension) of grid_image grids: frames is a list of (B, 3, H, W)
+    batches, one grid each, shown `seconds` apiece; the last one, the result, is held `hold` seconds."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grids = [grid_image(f, nrow) for f in frames]
+    durations = [round(seconds * 1000)] * (len(grids) - 1) + [round(hold * 1000)]
+    grids[0].save(path, save_all=True, append_images=grids[1:], duration=durations, loop=0)
+
+
 def list_images(folder):
     """Every image file in folder and below, sorted (the order of an ImageFolder)."""
     return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True)

@@ -4,7 +4,8 @@ into one more step of pixel diffusion as it arrives (streaming).
 
     python sample.py --class 207                         # -> sample.png: 4 golden retrievers (see below)
     python sample.py --class 207 360 --num-per-class 4 --cfg 1.1,8.0 --seed 1
-    python sample.py --class 3 --preview                 # -> preview.png: one row per sample, the image after each group
+    python sample.py --class 3 --preview                 # -> preview.png: one row per sample, the image after
+                                                         #    each group; preview.gif: the samples forming
     python sample.py --class 1 5 9 --layout ref.png --prefix-tokens 16   # -> layout.png: zero-shot layout control
     python sample.py --gpt D-AR-XL --class 207           # the released XL (guidance 1.1,10.0, the paper's)
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207   # files downloaded by hand
@@ -58,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off (default 1.0)")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver (default adams2)")
     p.add_argument("--steps", type=int, help="decoder steps (default: one per group of tokens)")
-    p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step")
+    p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step "
+                   "(a PNG strip per sample, and an animated GIF of the samples forming next to it)")
     p.add_argument("--layout", help="reference image whose first tokens are kept (layout control)")
     p.add_argument("--prefix-tokens", type=int, default=0, help="how many tokens of --layout to keep")
     p.add_argument("--grid", help="output PNG (default: sample.png, preview.png with --preview, layout.png "
@@ -194,6 +196,10 @@ def main(argv=None):
         grid, nrow = images, args.num_per_class
     dar.save_grid(grid, args.grid, nrow=nrow)
     print(f"saved {args.grid}")
+    if args.preview:      # the samples forming, one frame per decoder step, laid out as sample.png
+        gif = os.path.splitext(args.grid)[0] + ".gif"
+        dar.save_animation(previews, gif, nrow=args.num_per_class)
+        print(f"saved {gif} (animated: the samples after each of {len(previews)} steps)")
 
 
 if __name__ == "__main__":

@@ -812,6 +812,16 @@ def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio,
     # and its previews sharpen towards them: each column is closer to the last than the one before
     dist = [np.abs(strip[:, k].astype(float) - strip[:, -1]).mean() for k in range(4)]
     assert dist[0] > dist[1] > dist[2] > dist[3] == 0
+    # and the animation next to it: the samples, laid out as s.png, after each group, the result held
+    assert "saved " + str(tmp_path / "p.gif") in out
+    gif, frames, durations = Image.open(tmp_path / "p.gif"), [], []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("RGB")).astype(float))
+        durations.append(gif.info["duration"])
+    final = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(float)
+    assert len(frames) == 4 and durations[-1] > durations[0] and frames[-1].shape == final.shape
+    assert np.abs(frames[-1] - final).mean() < 6 < np.abs(frames[0] - final).mean()  # (a GIF has 256 colours)
     # layout control: the first column is the reference, centre-cropped; the samples keep its first tokens
     ref = dar.to_uint8(tio["images"][:1])[0]
     Image.fromarray(ref).save(tmp_path / "ref.png")
