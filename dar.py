@@ -1820,6 +1820,24 @@ class Run:
         self.log(f"resuming from {path} at step {ckpt['step']}")
         return ckpt
 
+    def starting_point(self, kind, args, preset_cfg, finetune):
+        """Where the model of this run starts, as (config, model to copy or None, checkpoint to
+        resume or None): the run's own checkpoint when it resumes (--resume, or its ckpt.pt; its
+        config, whatever the flags say), else the --init-from weights (finetune(source) -> the
+        model), else preset_cfg with random weights."""
+        resumed = self.resume_checkpoint(kind, args.resume, args.no_resume)
+        if resumed:
+            if args.init_from:
+                self.log(f"--init-from {args.init_from} is not used: the run goes on from its checkpoint")
+            return checkpoint_config(resumed), None, resumed
+        if args.init_from:
+            try:
+                start = finetune(args.init_from)
+            except (OSError, ValueError, RuntimeError) as e:
+                self.fail(str(e))
+            return start.cfg, start, None
+        return preset_cfg, None, None
+
     def resume(self, ckpt, model, ema, optimizer):
         """Restore model, EMA, optimizer and RNG states from a resume_checkpoint and return the
         step to go on from; 0 without one (a new run)."""

@@ -214,23 +214,12 @@ def main(argv=None):
         run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
     args.image_size = args.image_size or tok.cfg.image_size
 
-    # the model: the run's own checkpoint when it resumes (its config, whatever the flags say), else
-    # the --init-from weights (fine-tuning), else the preset's size with random weights
-    resumed = run.resume_checkpoint("dar.gpt", args.resume, args.no_resume)
-    start_gpt = None
-    if resumed:
-        if args.init_from:
-            run.log(f"--init-from {args.init_from} is not used: the run goes on from its checkpoint")
-        cfg = dar.checkpoint_config(resumed)
-    elif args.init_from:
-        try:
-            start_gpt = dar.gpt_to_finetune(args.init_from, tok, len(images.classes), args.seed, run.log)
-        except (OSError, ValueError, RuntimeError) as e:
-            run.fail(str(e))
-        cfg = start_gpt.cfg
-    else:
-        cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
-                             num_classes=len(images.classes))
+    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
+    # preset's size with random weights
+    cfg, start_gpt, resumed = run.starting_point(
+        "dar.gpt", args, dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
+                                        num_classes=len(images.classes)),
+        lambda source: dar.gpt_to_finetune(source, tok, len(images.classes), args.seed, run.log))
     for k, v in gpt_overrides.items():  # in place: the model's own config is saved with it
         setattr(cfg, k, v)
     if cfg.num_classes != len(images.classes) or cfg.vocab_size != tok.cfg.codebook_size:

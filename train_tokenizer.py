@@ -121,20 +121,12 @@ def main(argv=None):
         return dar.benchmark_training(run, settings, args.preset, model, TokenizerLoss(args, run.device, cfg.codebook_size), optimizer,
                                       batch, "img", 1)
 
-    # the model: the run's own checkpoint when it resumes (its config, whatever the flags say), else
-    # the --init-from weights (fine-tuning), else the preset's size with random weights
-    resumed = run.resume_checkpoint("dar.tokenizer", args.resume, args.no_resume)
-    start_tok = None
-    if resumed:
-        if args.init_from:
-            run.log(f"--init-from {args.init_from} is not used: the run goes on from its checkpoint")
-        cfg = dar.checkpoint_config(resumed)
-    elif args.init_from:
-        try:
-            start_tok = dar.tokenizer_to_finetune(args.init_from, cfg.repa_dim, args.seed, args.image_size, run.log)
-        except (OSError, ValueError, RuntimeError) as e:
-            run.fail(str(e))
-        cfg = start_tok.cfg
+    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
+    # preset's size with random weights
+    repa_dim = cfg.repa_dim  # 0 when this run trains no REPA
+    cfg, start_tok, resumed = run.starting_point(
+        "dar.tokenizer", args, cfg, lambda source: dar.tokenizer_to_finetune(source, repa_dim, args.seed, args.image_size,
+                                                                             run.log))
     args.image_size = size = cfg.image_size
 
     # data: random crop of a randomly rescaled image and a random flip (the official augmentation),
