@@ -27,7 +27,8 @@ takes to run it (checkpoints, data, distributed training, sampling helpers). Rea
     section 11  generation: guidance, streaming into the decoder
     section 12  presets
   PART II: running D-AR
-    section 13  checkpoints: atomic saving, safe loading, the official format
+    section 13  checkpoints: atomic saving, safe loading, the official format, the released
+                weights by name (Hugging Face hub)
     section 14  images and datasets
     section 15  training runs: processes, seeds, data order, resume, the loop
     section 16  sampling and evaluation: loading models, batches, timing
@@ -48,7 +49,7 @@ import tempfile
 import time
 import zipfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -697,6 +698,12 @@ class Tokenizer(nn.Module):
         """Load a tokenizer from our checkpoints or the official ones (EMA weights when present)."""
         return load_tokenizer(path, use_ema, map_location)
 
+    @classmethod
+    def from_pretrained(cls, name="tokenizer_v1", map_location="cpu"):
+        """The released tokenizer by name (tokenizer_v1), downloaded once from the Hugging Face hub
+        (section 13) and loaded like any official checkpoint (EMA weights)."""
+        return load_tokenizer(pretrained_path(name, "tokenizer"), map_location=map_location)
+
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
@@ -906,6 +913,12 @@ class GPT(nn.Module):
         sequence length, which they do not store, is block_size or 256)."""
         return load_gpt(path, use_ema, map_location, block_size)
 
+    @classmethod
+    def from_pretrained(cls, name="D-AR-L", map_location="cpu", block_size=None):
+        """A released GPT by name (D-AR-L, D-AR-XL), downloaded once from the Hugging Face hub
+        (section 13); its tokenizer is Tokenizer.from_pretrained("tokenizer_v1")."""
+        return load_gpt(pretrained_path(name, "gpt"), map_location=map_location, block_size=block_size)
+
 # -----------------------------------------------------------------------------
 # section 11. Generation: prefill / decode one token, classifier-free guidance with a linear
 # schedule, streaming into the decoder; and the AR training loss
@@ -1097,7 +1110,8 @@ def gpt_config(preset, **overrides):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format
+# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format, the
+# released weights by name
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind (one-line message)."""
@@ -1301,6 +1315,11 @@ def _config_from_dict(cls, d):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def checkpoint_config(ckpt):
+    """The model config saved in one of our checkpoints."""
+    return _config_from_dict({"dar.tokenizer": TokenizerConfig, "dar.gpt": GPTConfig}[ckpt["kind"]], ckpt["config"])
+
+
 def _load_weights(model, sd, path):
     # strict, but as one CheckpointError line instead of load_state_dict's long report
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -1353,6 +1372,115 @@ def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
     # the tokenizer whose codes it learned, and the class names
     gpt.tokenizer, gpt.classes = ckpt.get("tokenizer"), ckpt.get("classes")
     return gpt
+
+
+def check_pair(tok, gpt, tok_name, gpt_name):
+    """A GPT belongs to a tokenizer when it predicts its codes, as many as the tokenizer uses (a
+    GPT of ours also records the fingerprint of the codebook it learned: another one is named)."""
+    if getattr(gpt, "tokenizer", None) not in (None, tokenizer_fingerprint(tok)):
+        print(f"warning: {gpt_name} was trained on the codes of another tokenizer than {tok_name} "
+              f"(codebook fingerprints differ): its samples will not mean much")
+    if gpt.cfg.vocab_size != tok.cfg.codebook_size:
+        raise CheckpointError(f"{gpt_name} predicts {gpt.cfg.vocab_size} codes but {tok_name} has a "
+                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
+    if gpt.cfg.block_size != tok.cfg.num_tokens:
+        raise CheckpointError(f"{gpt_name} writes {gpt.cfg.block_size} tokens but {tok_name} uses "
+                              f"{tok.cfg.num_tokens}: they do not belong together")
+
+
+# --- The released weights, by name ---------------------------------------------------------------
+# The official checkpoints live in one Hugging Face hub repository. A name fetches its file once
+# with huggingface_hub into the standard cache (HF_HOME): later runs, and HF_HUB_OFFLINE=1 runs,
+# read the cache; HF_ENDPOINT points it at a mirror. The file then goes through the same safe
+# loader as any other checkpoint.
+
+HUB_REPO = "showlab/D-AR"
+HUB_URL = f"https://huggingface.co/{HUB_REPO}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released file; a GPT also names its tokenizer and the paper's guidance for it."""
+    file: str
+    kind: str                        # "tokenizer" or "gpt"
+    tokenizer: Optional[str] = None  # a GPT's tokenizer, by its released name
+    guidance: object = None          # a GPT's guidance in the paper: (start, end) of the linear schedule
+
+
+RELEASES = {
+    "tokenizer_v1": Release("D-AR-tokenizer_v1.pt", "tokenizer"),
+    "D-AR-L": Release("D-AR-L-360K.pt", "gpt", "tokenizer_v1", (1.1, 8.0)),
+    "D-AR-XL": Release("D-AR-XL-360K.pt", "gpt", "tokenizer_v1", (1.1, 10.0)),
+}
+
+
+def released_names(kind):
+    return [name for name, r in RELEASES.items() if r.kind == kind]
+
+
+def pretrained_path(name, kind):
+    """The local path of the released `kind` ("tokenizer" or "gpt") called name, fetched if need be."""
+    if name not in released_names(kind):
+        raise CheckpointError(f"no released {kind} is called {name!r}: choose from {', '.join(released_names(kind))}")
+    return fetch_release(name)
+
+
+def fetch_release(name):
+    """The local path of a released file, downloaded on first use (resuming a partial download)."""
+    file = RELEASES[name].file
+    # imported here: only names need it, and huggingface_hub reads HF_HOME / HF_ENDPOINT /
+    # HF_HUB_OFFLINE when it is first imported
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(f"{name} is downloaded with huggingface_hub (pip install huggingface_hub); or "
+                              f"download {file} from {HUB_URL} and pass its path") from None
+    try:
+        return hf_hub_download(HUB_REPO, file)
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
+        raise CheckpointError(f"{file} ({name}) is not in the Hugging Face cache and the hub cannot be reached: "
+                              f"download it from {HUB_URL} elsewhere and pass its path instead of the name, "
+                              f"or set HF_ENDPOINT to a mirror of the hub") from None
+    except OSError as e:  # HTTP errors (a mirror without the file...), a full disk
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot download {file} ({name}) from "
+                              f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{HUB_REPO}: {reason}") from None
+
+
+@dataclass
+class Weights:
+    """Where a model's weights are read from: a local file, which may be a released file (fetched
+    from the hub by its name, or a copy of it under its released file name)."""
+    path: str
+    release: Optional[str] = None  # the released name the file is
+    hub: bool = False              # fetched by name (the path is in the hub cache)
+
+    def __str__(self):
+        if self.hub:
+            return f"{self.release} ({HUB_REPO}/{RELEASES[self.release].file} from the hub)"
+        return self.path + (f" (the released {self.release})" if self.release else "")
+
+
+def release_of(source, kind):
+    """The released name a checkpoint argument stands for: a released name of this kind, or a local
+    file under a released file name; None for any other file."""
+    source = os.fspath(source)
+    if os.path.exists(source):
+        return {RELEASES[n].file: n for n in released_names(kind)}.get(os.path.basename(source))
+    return source if source in released_names(kind) else None
+
+
+def resolve_weights(source, kind):
+    """A checkpoint argument -> Weights. A path that exists is that file (a path always wins over
+    a name); a released name of this kind is fetched from the hub; anything else is missing."""
+    source, release = os.fspath(source), release_of(source, kind)
+    if os.path.exists(source):
+        return Weights(source, release)
+    if release:
+        return Weights(fetch_release(release), release, hub=True)
+    raise CheckpointError(f"checkpoint not found: {source} (nor is it a released {kind}: "
+                          f"{', '.join(released_names(kind))})")
 
 # -----------------------------------------------------------------------------
 # section 14. Images and datasets
@@ -1463,6 +1591,15 @@ def save_grid(images, path, nrow=8):
     """grid_image saved as a PNG (or whatever the extension of path says)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid_image(images, nrow).save(path)
+
+
+def save_animation(frames, path, nrow=8, seconds=0.6, hold=2.0):
+    """An animated GIF (WebP by the extension) of grid_image grids: frames is a list of (B, 3, H, W)
+    batches, one grid each, shown `seconds` apiece; the last one, the result, is held `hold` seconds."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grids = [grid_image(f, nrow) for f in frames]
+    durations = [round(seconds * 1000)] * (len(grids) - 1) + [round(hold * 1000)]
+    grids[0].save(path, save_all=True, append_images=grids[1:], duration=durations, loop=0)
 
 
 def list_images(folder):
@@ -1813,11 +1950,10 @@ class Run:
         """bf16 autocast on this run's device when bf16 is on, else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    def resume(self, model, ema, optimizer, kind, path=None, fresh=False, run_args=None):
-        """Restore model, EMA, optimizer and RNG states from path (or the run's own ckpt.pt when it
-        exists) and return the step to go on from; 0 for a new run (or with fresh=True). The stored
-        settings must be this run's (run_args), but for those RESUME_MAY_CHANGE; metrics.jsonl
-        loses the lines of steps after the checkpoint, which the resumed run writes again."""
+    def resume_checkpoint(self, kind, path=None, fresh=False, run_args=None):
+        """The training checkpoint to go on from: path, or the run's own ckpt.pt when it exists;
+        None for a new run (or with fresh=True). Its stored settings must be this run's (run_args),
+        but for those RESUME_MAY_CHANGE; its config, not the flags, rebuilds the model."""
         path = path or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
         metrics = os.path.join(self.out, "metrics.jsonl")
         if path is None or fresh:
@@ -1825,7 +1961,7 @@ class Run:
                 self.log(f"starting afresh in {self.out} (--no-resume): its ckpt.pt and metrics.jsonl are replaced")
                 if os.path.exists(metrics):
                     os.remove(metrics)
-            return 0
+            return None
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as e:
@@ -1833,15 +1969,44 @@ class Run:
         if ckpt.get("kind") != kind or "optimizer" not in ckpt:
             self.fail(f"{path} is not a {kind} training checkpoint to resume from")
         changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {v})" for k, v in (run_args or {}).items()
-                   if k in ckpt.get("args", {}) and k not in RESUME_MAY_CHANGE and ckpt["args"][k] != v]
+                   if v is not None and k in ckpt.get("args", {}) and k not in RESUME_MAY_CHANGE
+                   and ckpt["args"][k] != v]
         if changed:
             self.fail(f"{path} was trained with other settings: {', '.join(changed)}; run with the same "
                       f"settings to resume it, or start afresh with --no-resume or another --out")
+        self.log(f"resuming from {path} at step {ckpt['step']}")
+        return ckpt
+
+    def starting_point(self, kind, args, preset_cfg, finetune):
+        """Where the model of this run starts, as (config, model to copy or None, checkpoint to
+        resume or None): the run's own checkpoint when it resumes (--resume, or its ckpt.pt; its
+        config, whatever the flags say), else the --init-from weights (finetune(source) -> the
+        model), else preset_cfg with random weights."""
+        resumed = self.resume_checkpoint(kind, args.resume, args.no_resume, vars(args))
+        if resumed:
+            if args.init_from:
+                self.log(f"--init-from {args.init_from} is not used: the run goes on from its checkpoint")
+            return checkpoint_config(resumed), None, resumed
+        if args.init_from:
+            try:
+                start = finetune(args.init_from)
+            except (OSError, ValueError, RuntimeError) as e:
+                self.fail(str(e))
+            return start.cfg, start, None
+        return preset_cfg, None, None
+
+    def resume(self, ckpt, model, ema, optimizer):
+        """Restore model, EMA, optimizer and RNG states from a resume_checkpoint and return the
+        step to go on from; 0 without one (a new run). metrics.jsonl loses the lines of steps after
+        the checkpoint, which the resumed run writes again."""
+        if ckpt is None:
+            return 0
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
+        metrics = os.path.join(self.out, "metrics.jsonl")
         if self.master and os.path.exists(metrics):
             import json
             with open(metrics) as f:
@@ -1849,7 +2014,6 @@ class Run:
             with open(metrics + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(metrics + ".tmp", metrics)
-        self.log(f"resuming from {path} at step {ckpt['step']}")
         return ckpt["step"]
 
 
@@ -1921,6 +2085,53 @@ def new_model(make_model, seed, device, ema_decay):
         ema = make_model().to(device).requires_grad_(False).eval()
         ema.load_state_dict(model.state_dict())
     return model, ema
+
+
+# Fine-tuning (--init-from) starts from trained weights, ours or official: the model takes the size
+# of the weights, and only what the new run needs changes (the GPT's class table; the tokenizer's
+# image size and its training-only REPA projector).
+
+def gpt_to_finetune(source, tok, num_classes, seed, log=print):
+    """The GPT of `source` (a checkpoint or a released name; EMA weights when it has them), ready for
+    a run on num_classes classes over the codes of tok. Another number of classes resizes the class
+    table: the classes both tables have keep their rows, new rows are drawn as initialize_weights
+    draws them (N(0, 0.02), from seed), and the null class row stays the last one."""
+    weights = resolve_weights(source, "gpt")
+    gpt = load_gpt(weights.path, block_size=tok.cfg.num_tokens)
+    check_pair(tok, gpt, "the tokenizer", weights)
+    old, dim = gpt.cfg.num_classes, gpt.cfg.dim
+    log(f"starting from {weights}: {gpt.cfg.n_layer} layers, dim {dim}, {old} classes")
+    if num_classes != old:
+        released = gpt.class_embed.weight.detach()
+        table = torch.empty(num_classes + 1, dim).normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+        keep = min(old, num_classes)
+        table[:keep], table[-1] = released[:keep], released[-1]
+        gpt.class_embed = nn.Embedding.from_pretrained(table, freeze=False)
+        gpt.cfg.num_classes = num_classes
+        change = f"{num_classes - old} new rows ~ N(0, 0.02)" if num_classes > old else f"classes {keep}..{old - 1} dropped"
+        log(f"class table resized from {old} to {num_classes} classes: classes 0..{keep - 1} keep their rows, "
+            f"{change}, the null class row moves from {old} to {num_classes}")
+    return gpt.train()
+
+
+def tokenizer_to_finetune(source, repa_dim, seed, image_size=None, log=print):
+    """The tokenizer of `source` (a checkpoint or a released name; EMA weights when it has them),
+    rebuilt at image_size (default: its own) with a REPA projector only when the run trains REPA
+    (repa_dim > 0): the file's when it has one, else a new one (drawn from seed)."""
+    weights = resolve_weights(source, "tokenizer")
+    tok = load_tokenizer(weights.path)
+    had = tok.cfg.repa_dim > 0
+    cfg = replace(tok.cfg, repa_dim=repa_dim, image_size=image_size or tok.cfg.image_size)
+    torch.manual_seed(seed)
+    model = Tokenizer(cfg)
+    sd = {k: v for k, v in tok.state_dict().items() if repa_dim or not k.startswith("dit.repa.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("dit.repa.") for k in missing):
+        raise CheckpointError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    repa = "none" if not repa_dim else "the file's" if had else "new"
+    log(f"starting from {weights}: {cfg.image_size} px, {cfg.num_tokens} tokens in {cfg.num_groups} groups, "
+        f"codebook {cfg.codebook_size}, REPA projector {repa}")
+    return model.train()
 
 
 @torch.no_grad()
@@ -2297,6 +2508,10 @@ def training_arguments(parser):
     p.add_argument("--sample-every", type=positive_int, help="steps between sample images (default: the preset's)")
     p.add_argument("--resume", help="checkpoint to resume from (default: <out>/ckpt.pt when it exists)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
+    p.add_argument("--init-from", help="start a new run from these weights (fine-tuning): a checkpoint, ours "
+                   "or official, or a released name (" + ", ".join(RELEASES) + "); the model's size comes "
+                   "from them, the preset gives the run settings, and a run that resumes ignores it "
+                   "(default: random weights)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -2318,7 +2533,10 @@ def fill_run_defaults(args, defaults):
     cuda = torch.cuda.is_available()
     args.compile = cuda if args.compile is None else args.compile
     args.bf16 = cuda if args.bf16 is None else args.bf16
-    args.out = args.out or os.path.join("runs", args.preset)
+    # a fine-tune is named after what it starts from: runs/GPT-small-from-D-AR-L
+    init = args.init_from and (release_of(args.init_from, "gpt") or release_of(args.init_from, "tokenizer"))
+    name = f"{args.preset}-from-{init}" if init else f"{args.preset}-finetune" if args.init_from else args.preset
+    args.out = args.out or os.path.join("runs", name)
     return args
 
 
@@ -2411,25 +2629,53 @@ def latest(pattern):
     return found[-1] if found else None
 
 
-def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs"):
-    """(tokenizer, GPT, their paths) from two checkpoints, ours or official; each defaults to the
-    newest run under runs/. Checked to belong together: the GPT writes the tokenizer's codes."""
-    tok_path = tokenizer or latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
-    gpt_path = gpt or latest(os.path.join(runs, "GPT*", "ckpt.pt"))
-    if not tok_path or not gpt_path:
-        raise CheckpointError(f"no checkpoints given and none found under {runs}/: pass --tokenizer and --gpt")
-    tok = Tokenizer.from_checkpoint(tok_path).to(device)
-    gpt_model = GPT.from_checkpoint(gpt_path, block_size=tok.cfg.num_tokens).to(device)
-    if gpt_model.tokenizer not in (None, tokenizer_fingerprint(tok)):
-        print(f"warning: {gpt_path} was trained on the codes of another tokenizer than {tok_path} "
-              f"(codebook fingerprints differ): its samples will not mean much")
-    if gpt_model.cfg.vocab_size != tok.cfg.codebook_size:
-        raise CheckpointError(f"{gpt_path} predicts {gpt_model.cfg.vocab_size} codes but {tok_path} has a "
-                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
-    if gpt_model.cfg.block_size != tok.cfg.num_tokens:
-        raise CheckpointError(f"{gpt_path} writes {gpt_model.cfg.block_size} tokens but {tok_path} uses "
-                              f"{tok.cfg.num_tokens}: they do not belong together")
-    return tok, gpt_model, (tok_path, gpt_path)
+def format_guidance(guidance):
+    """(1.1, 8.0) -> '1.1,8.0', the form --cfg takes."""
+    return ",".join(map(str, guidance)) if isinstance(guidance, (tuple, list)) else str(guidance)
+
+
+@dataclass
+class SamplingWeights:
+    """What sample.py and eval_fid.py sample with: where each model comes from, and the guidance."""
+    tokenizer: Weights
+    gpt: Weights
+    guidance: object
+    papers: bool  # the guidance is the paper's for this released GPT (none was asked for)
+
+    def __str__(self):  # the line the scripts print
+        why = f" (the paper's for {self.gpt.release})" if self.papers else ""
+        return (f"weights: tokenizer {self.tokenizer} | GPT {self.gpt} | guidance "
+                f"{format_guidance(self.guidance)}{why}")
+
+
+DEFAULT_GPT = "D-AR-L"  # what a fresh clone samples with: the released D-AR-L and its tokenizer
+
+
+def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs", guidance=None):
+    """(tokenizer, GPT, SamplingWeights). tokenizer and gpt are checkpoints (ours or official) or
+    released names. A GPT that is a released file brings its tokenizer; a model not given is the
+    newest run under runs/; given none and finding no run, the released D-AR-L. Checked to belong
+    together: the GPT writes the tokenizer's codes. guidance: the one asked for; None takes the
+    paper's for a released GPT, and 1 (none) for any other."""
+    tok_run = latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
+    gpt_run = latest(os.path.join(runs, "GPT*", "ckpt.pt"))
+    if tokenizer is None and gpt is None and not tok_run and not gpt_run:
+        gpt = DEFAULT_GPT
+    gpt = gpt or gpt_run
+    release = gpt and release_of(gpt, "gpt")
+    tokenizer = tokenizer or (RELEASES[release].tokenizer if release else tok_run)
+    # both named before anything is downloaded
+    for what, source in (("gpt", gpt), ("tokenizer", tokenizer)):
+        if not source:
+            raise CheckpointError(f"no {what} given and none found under {runs}/: pass --{what} (a checkpoint, "
+                                  f"or a released name: {', '.join(released_names(what))})")
+    tok_w, gpt_w = resolve_weights(tokenizer, "tokenizer"), resolve_weights(gpt, "gpt")
+    tok = load_tokenizer(tok_w.path).to(device)
+    gpt_model = load_gpt(gpt_w.path, block_size=tok.cfg.num_tokens).to(device)
+    check_pair(tok, gpt_model, tok_w, gpt_w)
+    papers = guidance is None and gpt_w.release is not None
+    guidance = RELEASES[gpt_w.release].guidance if papers else 1.0 if guidance is None else guidance
+    return tok, gpt_model, SamplingWeights(tok_w, gpt_w, guidance, papers)
 
 
 def sampling_arguments(parser):
@@ -2438,8 +2684,9 @@ def sampling_arguments(parser):
     p = parser
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (batch b of --out draws from "
                    "seed and b: any batch can be redone alone)")
-    p.add_argument("--cfg", type=parse_guidance, default=1.0, help="classifier-free guidance: 'start,end' of a "
-                   "linear schedule over the tokens (D-AR-L: 1.1,8.0; XL: 1.1,10.0) or one number")
+    p.add_argument("--cfg", type=parse_guidance, help="classifier-free guidance: 'start,end' of a linear schedule "
+                   "over the tokens, or one number (default: the paper's for a released GPT, D-AR-L 1.1,8.0 and "
+                   "XL 1.1,10.0; 1.0, none, for any other)")
     p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")

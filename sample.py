@@ -2,12 +2,22 @@
 Sample images with D-AR: the Llama writes tokens, and every finished group of tokens is decoded
 into one more step of pixel diffusion as it arrives (streaming).
 
-    python sample.py --class 207                         # latest checkpoints under runs/ -> sample.png
+    python sample.py --class 207                         # -> sample.png: 4 golden retrievers (see below)
     python sample.py --class 207 360 --num-per-class 4 --cfg 1.1,8.0 --seed 1
-    python sample.py --class 3 --preview                 # -> preview.png: one row per sample, the image after each group
+    python sample.py --class 3 --preview                 # -> preview.png: one row per sample, the image after
+                                                         #    each group; preview.gif: the samples forming
     python sample.py --class 1 5 9 --layout ref.png --prefix-tokens 16   # -> layout.png: zero-shot layout control
-    python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207 --cfg 1.1,8.0
+    python sample.py --gpt D-AR-XL --class 207           # the released XL (guidance 1.1,10.0, the paper's)
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --gpt D-AR-L-360K.pt --class 207   # files downloaded by hand
     torchrun --nproc_per_node=8 sample.py --tokenizer ... --gpt ... --out samples/ --num-samples 50000
+
+The weights: --tokenizer and --gpt take a checkpoint (ours or official) or a released name
+(tokenizer_v1; D-AR-L, D-AR-XL), which is downloaded once from the Hugging Face hub (showlab/D-AR)
+into its cache (HF_HOME; HF_ENDPOINT for a mirror, HF_HUB_OFFLINE=1 to use the cache only). A
+released GPT brings its tokenizer. Given neither, the newest runs under runs/ are used, and on a
+fresh clone with no runs the released tokenizer_v1 + D-AR-L. A released GPT samples with the
+paper's guidance unless --cfg says otherwise; any other with none (1.0). The first line printed
+says which weights and guidance are used.
 
 --out DIR writes one PNG per sample (DIR/000123.png, class = index mod number of classes, so the
 labels are balanced) and DIR.npz in the ADM evaluator layout (arr_0: uint8 NHWC images, arr_1:
@@ -32,15 +42,18 @@ import dar
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter)
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: newest runs/tokenizer*/ckpt.pt)")
-    p.add_argument("--gpt", help="GPT checkpoint (default: newest runs/GPT*/ckpt.pt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint or released name (tokenizer_v1); default: the GPT's "
+                   "if it is released, else the newest runs/tokenizer*/ckpt.pt")
+    p.add_argument("--gpt", help="GPT checkpoint or released name (D-AR-L, D-AR-XL); default: the newest "
+                   "runs/GPT*/ckpt.pt, and D-AR-L when runs/ holds no run")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=[0],
                    help="class ids (default 0; a run's class names: --list-classes; Fashion-MNIST: 0 t-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, "
                    "5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot)")
     p.add_argument("--num-per-class", type=dar.positive_int, default=4, help="samples per class")
     dar.sampling_arguments(p)  # --seed, --cfg, --temperature, --top-k, --top-p, --sampler, --steps, --bf16, --compile
     p.add_argument("--list-classes", action="store_true", help="print the GPT's class ids and names, then exit")
-    p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step")
+    p.add_argument("--preview", action="store_true", help="save the trajectory: the image after each step "
+                   "(a PNG strip per sample, and an animated GIF of the samples forming next to it)")
     p.add_argument("--layout", help="reference image whose first tokens are kept (layout control; default: none)")
     p.add_argument("--prefix-tokens", type=dar.positive_int, help="how many tokens of --layout to keep (needed with --layout; no default)")
     p.add_argument("--grid", help="output PNG (default: sample.png, preview.png with --preview, layout.png "
@@ -62,6 +75,8 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.benchmark and args.cfg is None:  # random weights: no paper's guidance to take
+        args.cfg = 1.0
     # bf16 and compile pay off on GPUs (tensor cores, CUDA graphs); on a CPU they are opt-in
     args.settings = dar.sampling_settings(args, torch.cuda.is_available())
     # each mode its own file, so the README's commands do not overwrite each other's output
@@ -173,14 +188,17 @@ def main(argv=None):
 
     # models, and every input checked before any work
     try:
-        tok, gpt, (tok_path, gpt_path) = dar.load_models(args.tokenizer, args.gpt, device)
+        tok, gpt, used = dar.load_models(args.tokenizer, args.gpt, device, guidance=args.cfg)
+        args.cfg = args.settings.guidance = used.guidance  # the paper's for a released GPT without --cfg
+        if rank == 0:
+            print(used)
         if args.list_classes:
             names = gpt.classes or [None] * gpt.cfg.num_classes
             for i, name in enumerate(names):
                 print(i, name or "")
             return
         if args.out and rank == 0:
-            bad_out = check_settings(args, tok_path, gpt_path)
+            bad_out = check_settings(args, used.tokenizer.path, used.gpt.path)
             if bad_out:
                 raise ValueError(bad_out)
         bad = [c for c in args.classes if not 0 <= c < gpt.cfg.num_classes]
@@ -217,6 +235,10 @@ def main(argv=None):
         grid, nrow = images, args.num_per_class
     dar.save_grid(grid, args.grid, nrow=nrow)
     print(f"saved {args.grid}")
+    if args.preview:      # the samples forming, one frame per decoder step, laid out as sample.png
+        gif = os.path.splitext(args.grid)[0] + ".gif"
+        dar.save_animation(previews, gif, nrow=args.num_per_class)
+        print(f"saved {gif} (animated: the samples after each of {len(previews)} steps)")
 
 
 if __name__ == "__main__":

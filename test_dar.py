@@ -8,6 +8,8 @@ then tiny end-to-end runs of the scripts. CPU, float32, fixed seeds, no network.
 
 import argparse
 import ast
+import hashlib
+import http.server
 import importlib.util
 import json
 import math
@@ -17,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -941,7 +944,8 @@ def test_training_bad_inputs(image_folder, tmp_path):
         train_ar.main(["--preset", "GPT-tiny", "--tokenizer", os.path.join(GOLDEN, "gpt_tiny.ckpt"),
                        "--data", str(image_folder), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="multiple of processes"):
-        train_tokenizer.main(base + ["--data", str(image_folder), "--global-batch", "8", "--micro-batch", "3"])
+        train_tokenizer.main(base + ["--data", str(image_folder), "--global-batch", "8", "--micro-batch", "3",
+                                     "--out", str(tmp_path / "r2")])
 
 
 @pytest.mark.skipif(not os.path.exists(dar.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
@@ -1007,6 +1011,16 @@ def test_sample_grid_preview_and_layout_with_official_checkpoints(tmp_path, tio,
     # and its previews sharpen towards them: each column is closer to the last than the one before
     dist = [np.abs(strip[:, k].astype(float) - strip[:, -1]).mean() for k in range(4)]
     assert dist[0] > dist[1] > dist[2] > dist[3] == 0
+    # and the animation next to it: the samples, laid out as s.png, after each group, the result held
+    assert "saved " + str(tmp_path / "p.gif") in out
+    gif, frames, durations = Image.open(tmp_path / "p.gif"), [], []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("RGB")).astype(float))
+        durations.append(gif.info["duration"])
+    final = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(float)
+    assert len(frames) == 4 and durations[-1] > durations[0] and frames[-1].shape == final.shape
+    assert np.abs(frames[-1] - final).mean() < 6 < np.abs(frames[0] - final).mean()  # (a GIF has 256 colours)
     # layout control: the first column is the reference, centre-cropped; the samples keep its first tokens
     ref = dar.to_uint8(tio["images"][:1])[0]
     Image.fromarray(ref).save(tmp_path / "ref.png")
@@ -1090,6 +1104,194 @@ def test_benchmark_entry_points(tmp_path, capsys):
     assert re.search(r"benchmark GPT-tiny \| batch 2 .* tok/s", out)
     for stage in ("AR generation", "pixel decoding", "end to end"):
         assert re.search(stage + r" +[\d.]+ s", out), stage
+
+
+# -----------------------------------------------------------------------------
+# The released weights by name: a loopback server stands in for the Hugging Face hub, serving the
+# golden official-format checkpoints under the released file names; then fine-tuning
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """What hf_hub_download asks of the hub: HEAD, then GET, of /{repo}/resolve/{revision}/{file},
+    answered with the headers it needs (X-Repo-Commit, ETag, Content-Length)."""
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        self.server.requests.append((self.command, self.path))
+        m = re.fullmatch(r"/showlab/D-AR/resolve/main/([^/?]+)", self.path)
+        data = self.server.files.get(m.group(1)) if m else None
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.requests = []
+    server.files = {"D-AR-tokenizer_v1.pt": open(OFFICIAL[1], "rb").read(),
+                    "D-AR-L-360K.pt": open(OFFICIAL[3], "rb").read()}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def hub_env(server, home):
+    """The environment of a fresh clone whose hub is `server`, with `home` as HF_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    return {**env, "HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_sample_fetches_the_released_weights_once_then_runs_offline(tmp_path, fake_hub):
+    """python sample.py --class 3 on a fresh clone (no weights given, no runs/): the released
+    tokenizer_v1 + D-AR-L are downloaded once and sampled with the paper's guidance; the cache then
+    serves an offline run the same image; offline with an empty cache is one line, no traceback."""
+    clone = tmp_path / "clone"
+    os.makedirs(clone)
+    env = hub_env(fake_hub, tmp_path / "hf")
+    first = script("sample.py", "--class", "3", env=env, cwd=clone)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert ("weights: tokenizer tokenizer_v1 (showlab/D-AR/D-AR-tokenizer_v1.pt from the hub) | GPT D-AR-L "
+            "(showlab/D-AR/D-AR-L-360K.pt from the hub) | guidance 1.1,8.0 (the paper's for D-AR-L)") in first.stdout
+    gets = sorted(path for method, path in fake_hub.requests if method == "GET")
+    assert gets == ["/showlab/D-AR/resolve/main/D-AR-L-360K.pt", "/showlab/D-AR/resolve/main/D-AR-tokenizer_v1.pt"]
+    os.rename(clone / "sample.png", clone / "first.png")
+
+    seen = len(fake_hub.requests)
+    again = script("sample.py", "--class", "3", env={**env, "HF_HUB_OFFLINE": "1"}, cwd=clone)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(fake_hub.requests) == seen  # not one request: the cache alone
+    assert np.array_equal(np.asarray(Image.open(clone / "sample.png")), np.asarray(Image.open(clone / "first.png")))
+
+    empty = script("sample.py", "--class", "3", env={**hub_env(fake_hub, tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
+                   cwd=clone)
+    lines = empty.stderr.strip().splitlines()
+    assert empty.returncode != 0 and len(lines) == 1 and "Traceback" not in empty.stderr, empty.stderr
+    for what in ("D-AR-tokenizer_v1.pt", "https://huggingface.co/showlab/D-AR", "pass its path", "HF_ENDPOINT"):
+        assert what in lines[0], what
+    assert len(fake_hub.requests) == seen
+
+
+def test_finetune_from_a_released_name(tmp_path, fake_hub, three_classes):
+    """train_ar.py --init-from D-AR-L --data my_folder: the released GPT and, with it, its tokenizer."""
+    env = {**hub_env(fake_hub, tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    ft = script("train_ar.py", "--init-from", "D-AR-L", "--data", three_classes, "--preset", "GPT-tiny",
+                "--no-augment", "--global-batch", "6", "--max-steps", "2", *TINY, env=env, cwd=tmp_path)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    log = open(tmp_path / "runs" / "GPT-tiny-from-D-AR-L" / "log.txt").read()
+    assert "tokenizer tokenizer_v1 (showlab/D-AR/D-AR-tokenizer_v1.pt from the hub) (frozen)" in log
+    assert "starting from D-AR-L (showlab/D-AR/D-AR-L-360K.pt from the hub): 2 layers, dim 128, 10 classes" in log
+    assert "class table resized from 10 to 3 classes" in log
+
+
+def test_local_files_and_names(tmp_path, monkeypatch):
+    """A path that exists is a path, even one named like a release; a copy under a released file
+    name is known for what it is (the paper's guidance); a typo says what the names are."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("D-AR-L")  # a path called like a release is that path: nothing is downloaded
+    assert dar.resolve_weights("D-AR-L", "gpt") == dar.Weights("D-AR-L")
+    with pytest.raises(dar.CheckpointError, match="not found: nowhere.pt .*released gpt: D-AR-L, D-AR-XL"):
+        dar.resolve_weights("nowhere.pt", "gpt")
+    os.symlink(OFFICIAL[3], "D-AR-XL-360K.pt")
+    w = dar.resolve_weights("D-AR-XL-360K.pt", "gpt")
+    assert (w.path, w.release, w.hub) == ("D-AR-XL-360K.pt", "D-AR-XL", False)
+    with pytest.raises(dar.CheckpointError, match="no released tokenizer is called 'D-AR-L'"):
+        dar.Tokenizer.from_pretrained("D-AR-L")
+    tok, gpt, used = dar.load_models(OFFICIAL[1], "D-AR-XL-360K.pt")
+    assert used.guidance == (1.1, 10.0) and str(used).endswith("guidance 1.1,10.0 (the paper's for D-AR-XL)")
+    assert dar.load_models(OFFICIAL[1], "D-AR-XL-360K.pt", guidance=2.0)[2].guidance == 2.0
+    assert dar.load_models(*OFFICIAL[1::2])[2].guidance == 1.0  # not a released file: no guidance
+    with pytest.raises(dar.CheckpointError, match="no gpt given and none found under runs/: pass --gpt"):
+        dar.load_models(OFFICIAL[1])
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """Three classes of four 64 x 64 images (the golden tokenizer's size), each class its own colour."""
+    root = tmp_path_factory.mktemp("three")
+    rng = np.random.default_rng(1)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        os.makedirs(root / f"c{c}")
+        for i in range(4):
+            x = np.clip(np.array(colour) + rng.integers(-30, 30, (64, 64, 3)), 0, 255)
+            Image.fromarray(x.astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_finetune_the_official_tokenizer(three_classes, tmp_path):
+    """The size comes from the weights (the preset gives the run settings); the REPA projector is
+    dropped when the run does not train it, and a new one is made when it does and the file has none."""
+    out = tmp_path / "tok"
+    train_tokenizer.main(list(map(str, ["--preset", "tokenizer_tiny", "--init-from", OFFICIAL[1], "--data", three_classes,
+                                        "--out", out, "--global-batch", "6", "--max-steps", "2", *TINY])))
+    ckpt = dar.load_checkpoint(out / "ckpt.pt")
+    assert (ckpt["config"]["enc_dim"], ckpt["config"]["image_size"], ckpt["step"]) == (128, 64, 2)
+    assert "starting from " + OFFICIAL[1] in open(out / "log.txt").read()
+    golden = dar.Tokenizer.from_checkpoint(OFFICIAL[1]).state_dict()
+    tok = dar.tokenizer_to_finetune(OFFICIAL[1], repa_dim=768, seed=0, image_size=32, log=lambda line: None)
+    assert tok.cfg.image_size == 32 and tok.dit.repa is not None and tok.training
+    for k, v in tok.state_dict().items():
+        assert k.startswith("dit.repa.") or torch.equal(v, golden[k]), k
+
+
+def test_class_table_of_a_finetune():
+    """Fewer classes keep the first rows; more add rows drawn as the model's init; the null class
+    row is the released one, last."""
+    released = dar.GPT.from_checkpoint(OFFICIAL[3]).class_embed.weight.detach()          # (11, 128): 10 + null
+    tok = dar.Tokenizer.from_checkpoint(OFFICIAL[1])
+    notes = []
+    fewer = dar.gpt_to_finetune(OFFICIAL[3], tok, 3, seed=0, log=notes.append).class_embed.weight.detach()
+    assert fewer.shape == (4, 128) and torch.equal(fewer[:3], released[:3]) and torch.equal(fewer[3], released[10])
+    assert "class table resized from 10 to 3 classes" in notes[-1] and "null class row moves from 10 to 3" in notes[-1]
+    more = dar.gpt_to_finetune(OFFICIAL[3], tok, 12, seed=0, log=notes.append)
+    table = more.class_embed.weight.detach()
+    assert more.cfg.num_classes == 12 and table.shape == (13, 128) and more.class_embed.weight.requires_grad
+    assert torch.equal(table[:10], released[:10]) and torch.equal(table[12], released[10])
+    assert 0.01 < table[10:12].std() < 0.03 and abs(table[10:12].mean()) < 0.01
+
+
+def test_finetune_the_official_gpt_on_other_classes(three_classes, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["--preset", "GPT-tiny", "--init-from", OFFICIAL[3], "--tokenizer", OFFICIAL[1], "--data", three_classes,
+            "--out", out, "--codes-dir", tmp_path / "codes", "--no-augment", "--global-batch", "12", "--lr", "3e-3",
+            *TINY]
+    train_ar.main(list(map(str, argv + ["--max-steps", "8"])))
+    log = open(out / "log.txt").read()
+    assert "class table resized from 10 to 3 classes" in log
+    losses = [m["loss"] for m in metrics(out)]
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+    cfg = dar.load_checkpoint(out / "ckpt.pt")["config"]
+    assert (cfg["n_layer"], cfg["dim"], cfg["num_classes"]) == (2, 128, 3)  # the size of the weights, not GPT-tiny's
+    # a crash and the same command again: the fine-tune goes on, the released weights are not reloaded
+    train_ar.main(list(map(str, argv + ["--max-steps", "10"])))
+    log = open(out / "log.txt").read()
+    assert "resuming from" in log and "--init-from" in log and log.count("class table resized") == 1
+    assert [m["step"] for m in metrics(out)] == list(range(1, 11))
+    # and it samples
+    sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(out / "ckpt.pt"), "--class", "0", "1", "2",
+                        "--num-per-class", "1", "--grid", str(tmp_path / "ft.png")])
+    assert grid_cells(tmp_path / "ft.png", 3, 1).shape == (3, 1, 64, 64, 3)  # one row per class
+    assert "guidance 1.0" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 Train the D-AR autoregressive model (stage 2): an unmodified Llama over the tokenizer's codes.
 
     python train_ar.py --preset GPT-small --tokenizer runs/tokenizer_small/ckpt.pt   # Fashion-MNIST, CPU
-    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer D-AR-tokenizer_v1.pt \\
+    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer tokenizer_v1 \\
         --data /data/imagenet/train
+    python train_ar.py --init-from D-AR-L --data my_folder --lr 1e-4   # fine-tune the released D-AR-L
 
 The loss is eq. 6's cross-entropy on the N = 256 tokens given the class, the class dropped to the
 null class with p = 0.1 for classifier-free guidance (dar.ar_loss). Paper settings (LlamaGen's
@@ -20,6 +21,7 @@ fly instead (the official way: slower, but needs no disk).
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -50,7 +52,8 @@ def build_parser():
                                 epilog=dar.presets_help(RUN_DEFAULTS))
     p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS),
                    help="model size and run settings")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or the official one); required, no default")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or official) or released name (tokenizer_v1); "
+                   "required (no default), except with --init-from a released GPT, which brings its own")
     dar.training_arguments(p)
     p.add_argument("--class-dropout", type=dar.fraction, help="p of the null class, for guidance (default: the "
                    "model config's, 0.1)")
@@ -102,22 +105,22 @@ class ViewsOf(torch.utils.data.Dataset):
         return i, torch.stack([dar.to_tensor(v) for v in views(self.dataset.image(i), self.size, self.augment)])
 
 
-def codes_cache_path(args, n_images, n_views):
-    """Codes depend on the tokenizer weights, the data, the image size and the views."""
-    st = os.stat(args.tokenizer)
-    key = json.dumps([os.path.abspath(args.tokenizer), st.st_size, st.st_mtime_ns,
+def codes_cache_path(args, tok_path, n_images, n_views):
+    """Codes depend on the tokenizer weights (the file tok_path), the data, the image size and the views."""
+    st = os.stat(tok_path)
+    key = json.dumps([os.path.abspath(tok_path), st.st_size, st.st_mtime_ns,
                       os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
                       args.image_size, n_images, n_views])
     return os.path.join(args.codes_dir, f"codes_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
 
 
 @torch.no_grad()
-def extract_codes(run, args, tok, dataset):
+def extract_codes(run, args, tok, tok_path, dataset):
     """All views of all images through the tokenizer's encoder -> (M, V, N) int16 .npy, memory
     mapped. Each process encodes its share and writes its rows; the file is complete once a
     marker file exists next to it."""
     n_views = 10 if args.augment else 1
-    path = codes_cache_path(args, len(dataset), n_views)
+    path = codes_cache_path(args, tok_path, len(dataset), n_views)
     done = path + ".done"
     if os.path.exists(done):
         run.log(f"codes: reusing {path}")
@@ -203,26 +206,39 @@ def main(argv=None):
         return dar.benchmark_training(run, settings, args.preset, model, loss_fn, optimizer, batch, "tok",
                                       cfg.block_size)
 
-    # the frozen tokenizer and the data
+    # the frozen tokenizer (a released GPT to fine-tune brings its own) and the data
+    release = args.init_from and dar.release_of(args.init_from, "gpt")
+    args.tokenizer = args.tokenizer or (release and dar.RELEASES[release].tokenizer)
     if not args.tokenizer:
         run.fail("--tokenizer is required")
     if args.data is None:
         run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
     run.open()  # the run directory, locked: one run at a time in it
     try:
-        tok = dar.Tokenizer.from_checkpoint(args.tokenizer).to(run.device).requires_grad_(False)
-        if args.image_size and args.image_size != tok.cfg.image_size:
-            run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
-        args.image_size = args.image_size or tok.cfg.image_size
+        tok_weights = dar.resolve_weights(args.tokenizer, "tokenizer")
+        tok_path = tok_weights.path
+        tok = dar.load_tokenizer(tok_path, map_location=run.device).requires_grad_(False)
         images = dar.build_dataset(args.data, seed=args.seed)
-        dar.check_images(run, images, args.image_size, args.skip_bad_images, args.threads)  # every file, once
+        dar.check_images(run, images, args.image_size or tok.cfg.image_size, args.skip_bad_images, args.threads)  # every file, once
         micro, accum = settings.split(run.world, len(images))
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
-    # the Llama's vocabulary is the tokenizer's codebook and its sequence the tokenizer's N tokens;
-    # the class table has one row per class folder (+ the null class)
-    cfg = dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
-                         num_classes=len(images.classes), **gpt_overrides)
+    run.log(f"tokenizer {tok_weights} (frozen)")
+    if args.image_size and args.image_size != tok.cfg.image_size:
+        run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
+    args.image_size = args.image_size or tok.cfg.image_size
+
+    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
+    # preset's size with random weights
+    cfg, start_gpt, resumed = run.starting_point(
+        "dar.gpt", args, dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
+                                        num_classes=len(images.classes)),
+        lambda source: dar.gpt_to_finetune(source, tok, len(images.classes), args.seed, run.log))
+    for k, v in gpt_overrides.items():  # in place: the model's own config is saved with it
+        setattr(cfg, k, v)
+    if cfg.num_classes != len(images.classes) or cfg.vocab_size != tok.cfg.codebook_size:
+        run.fail(f"the model has {cfg.num_classes} classes and {cfg.vocab_size} codes; the data has "
+                 f"{len(images.classes)} classes and the tokenizer {tok.cfg.codebook_size} codes")
 
     # what a step reads: stored codes of one view per image, or images encoded on the fly
     if args.online_encode:
@@ -234,16 +250,19 @@ def main(argv=None):
         def step_loss(net, x, labels):
             return loss_fn(net, tok.encode(x), labels)
     else:
-        dataset = CodeDataset(extract_codes(run, args, tok, images), images.labels, args.seed)
+        dataset = CodeDataset(extract_codes(run, args, tok, tok_path, images), images.labels, args.seed)
         step_loss = loss_fn
 
-    # model, EMA and optimizer; resumed from the run's checkpoint when there is one
-    model, ema = dar.new_model(lambda: dar.GPT(cfg), args.seed, run.device, args.ema_decay)
+    # model, EMA and optimizer; restored from the run's checkpoint when it resumes
+    model, ema = dar.new_model(lambda: copy.deepcopy(start_gpt) if start_gpt else dar.GPT(cfg), args.seed,
+                               run.device, args.ema_decay)
+    start_gpt = None  # the model and its EMA are copies of it: free it
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(model, ema, optimizer, "dar.gpt", args.resume, args.no_resume, vars(args))
+    start = run.resume(resumed, model, ema, optimizer)
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    run.describe(f"GPT {args.preset} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)",
+    size = f"{cfg.n_layer} layers, dim {cfg.dim}" if args.init_from or resumed else args.preset
+    run.describe(f"GPT {size} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)",
                  model, len(dataset), micro, accum, args.global_batch, total, args.threads, args.workers)
 
     # the paper's schedule: constant, then linear to 1e-5 over the last decay_epochs

@@ -5,6 +5,7 @@ Train the D-AR sequential diffusion tokenizer (stage 1).
     torchrun --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
+    python train_tokenizer.py --init-from tokenizer_v1 --data my_folder --lr 1e-5   # fine-tune the released one
 
 The loss is the paper's eq. 7 (dar.tokenizer_loss): flow matching + VQ + commitment + 0.5 LPIPS +
 0.5 REPA. The settings of the official run are tokenizer_v1's defaults: AdamW 2e-4, betas (0.9,
@@ -18,6 +19,7 @@ rate, same data order, same random draws.
 """
 
 import argparse
+import copy
 import os
 
 import torch
@@ -122,17 +124,24 @@ def main(argv=None):
         run.fail(f"--image-size {args.image_size}: {e}")
     if args.repa_weight <= 0:
         cfg.repa_dim = 0  # no REPA projector to train
-    args.image_size = size = cfg.image_size
 
     if args.benchmark:  # synthetic images, random loss backbones: the same compute, no download
         args.loss_backbones = "random"
         model = dar.new_model(lambda: dar.Tokenizer(cfg), 0, run.device, 0)[0].train()
         model.set_grad_checkpointing(args.grad_checkpointing)
-        B = args.micro_batch or args.global_batch
+        B, size = args.micro_batch or args.global_batch, cfg.image_size
         batch = (torch.rand(B, 3, size, size, device=run.device) * 2 - 1, torch.zeros(B, dtype=torch.long, device=run.device))
         optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
         return dar.benchmark_training(run, settings, args.preset, model, TokenizerLoss(args, run.device, cfg.codebook_size), optimizer,
                                       batch, "img", 1)
+
+    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
+    # preset's size with random weights
+    repa_dim = cfg.repa_dim  # 0 when this run trains no REPA
+    cfg, start_tok, resumed = run.starting_point(
+        "dar.tokenizer", args, cfg, lambda source: dar.tokenizer_to_finetune(source, repa_dim, args.seed, args.image_size,
+                                                                             run.log))
+    args.image_size = size = cfg.image_size
 
     # data: random crop of a randomly rescaled image and a random flip (the official augmentation),
     # or centre crops; the crop's randomness comes from (seed, epoch, index)
@@ -154,14 +163,17 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         run.fail(str(e))
 
-    # model, EMA and optimizer; resumed from the run's checkpoint when there is one (then the step,
+    # model, EMA and optimizer; restored from the run's checkpoint when it resumes (then the step,
     # the learning rate, the data order and the random draws go on as if never interrupted)
-    model, ema = dar.new_model(lambda: dar.Tokenizer(cfg), args.seed, run.device, args.ema_decay)
+    model, ema = dar.new_model(lambda: copy.deepcopy(start_tok) if start_tok else dar.Tokenizer(cfg), args.seed,
+                               run.device, args.ema_decay)
+    start_tok = None  # the model and its EMA are copies of it: free it
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(model, ema, optimizer, "dar.tokenizer", args.resume, args.no_resume, vars(args))
+    start = run.resume(resumed, model, ema, optimizer)
     total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    run.describe(f"tokenizer {args.preset}", model, len(dataset), micro, accum, args.global_batch, total,
+    what = args.preset if not (args.init_from or resumed) else f"{cfg.image_size} px"
+    run.describe(f"tokenizer {what}", model, len(dataset), micro, accum, args.global_batch, total,
                  args.threads, args.workers)
 
     # the paper's schedule: linear warm-up, then constant (the official run never decays: the EMA
