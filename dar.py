@@ -2216,7 +2216,7 @@ def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_s
             sampler.set_epoch(epoch, skip)
             dataset.set_epoch(epoch)  # per-sample augmentation draws depend on (seed, epoch, index)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
-                                                 pin_memory=run.cuda)
+                                                 pin_memory=run.cuda, worker_init_fn=quiet_worker)
             batches = iter(loader)
             for _ in range(skip, sampler.steps_per_epoch):
                 if step >= total_steps:

@@ -181,8 +181,9 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup_distributed()
     args.threads = dar.cpu_budget(args.threads, 0)[0]
-    if rank == 0 and dar.busy_note(args.threads):
-        print(dar.busy_note(args.threads))
+    note = dar.busy_note(args.threads) if rank == 0 else None  # other programs hold the cores
+    if note:
+        print(note)
     if args.benchmark:
         return benchmark(args, device)
 
