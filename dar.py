@@ -1071,11 +1071,13 @@ def ar_loss(gpt, codes, labels, class_dropout, null_class, reverse=False):
 TOKENIZER_PRESETS = {
     # the paper's tokenizer: 307.4M parameters (185.1M pixel DiT, 7.3M REPA projector)
     "tokenizer_v1": dict(),
-    # trains on 2 CPU cores in minutes: 32x32 images (Fashion-MNIST padded), 64 tokens in 4 groups
+    # trains on 2 CPU cores in minutes: 32x32 images (Fashion-MNIST padded), 64 tokens in 4 groups;
+    # beta = 4: at this size the tokens only take hold when training dwells on the noisy times
+    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps)
     "tokenizer_small": dict(image_size=32, patch_size=4, enc_dim=128, enc_layers=2, dec_dim=128,
                             dec_layers=2, num_tokens=64, num_groups=4, codebook_size=512,
                             dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=4, repa_layer=2,
-                            repa_dim=0, max_tokens=64),
+                            repa_dim=0, max_tokens=64, time_shift=4.0),
     # a few seconds per step: tests
     "tokenizer_tiny": dict(image_size=32, patch_size=8, enc_dim=64, enc_layers=1, dec_dim=64,
                            dec_layers=1, num_tokens=16, num_groups=4, codebook_size=64,
@@ -2692,6 +2694,9 @@ def sampling_arguments(parser):
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
     p.add_argument("--steps", type=positive_int, help="decoder steps (default: one per group of tokens)")
+    p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step instead of "
+                   "the image: the image from the first k groups of tokens (the paper's partial-token FIDs; "
+                   "default: off, the image)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
                    "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
@@ -2705,7 +2710,8 @@ def sampling_settings(args, cuda):
     args.bf16 = cuda if args.bf16 is None else args.bf16
     args.compile = cuda if args.compile is None else args.compile
     return SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile)
+                            sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile,
+                            preview_step=args.preview_step)
 
 
 def class_balanced_labels(n, num_classes):
@@ -2743,6 +2749,9 @@ class Sampler:
 
     def __init__(self, tok, gpt, settings, device):
         self.tok, self.settings, self.device = tok, settings, torch.device(device)
+        steps = settings.steps or tok.cfg.sample_steps
+        if settings.preview_step is not None and not 1 <= settings.preview_step <= steps:
+            raise ValueError(f"--preview-step {settings.preview_step}: the decoder takes {steps} steps, so 1..{steps}")
         self.gpt = gpt.to(torch.bfloat16) if settings.bf16 else gpt
         self.dit, self.decode_fn = tok.dit, decode_one_token
         if settings.compile:

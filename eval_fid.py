@@ -230,6 +230,8 @@ class InceptionNet:
         self.scripted = path is not None and is_torchscript(path)
         self.net = load_torchscript(path, self.device, trust) if self.scripted else \
             load_fidelity_inception(path).to(self.device)
+        if self.scripted:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.name = "torch-fidelity" if path is None else file_id(path)
         try:
             self.dim = self.features(np.zeros((1, 8, 8, 3), np.uint8))["pool"].shape[1]
@@ -247,7 +249,8 @@ class InceptionNet:
         # then [0, 255] -> [-1, 1) by (x - 128) / 128
         from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
         x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
-        out = self.net((x - 128) / 128)
+        # channels-last (NHWC) convolutions: about 20% faster on a CPU, same features to ~1e-5
+        out = self.net(((x - 128) / 128).contiguous(memory_format=torch.channels_last))
         pool, logits = out if isinstance(out, (tuple, list)) else (out, None)
         pool = pool.flatten(2).mean(-1) if pool.ndim > 2 else pool        # (B, D)
         return dict(pool=pool.float().cpu().numpy(), logits=None if logits is None else logits.float().cpu().numpy())
@@ -288,6 +291,31 @@ def signature(path):
     return h.hexdigest()
 
 
+def cached_features(cache, sig, desc):
+    """The features stored in `cache` if they were computed from images with signature `sig`, else None."""
+    if not os.path.exists(cache):
+        return None
+    try:
+        with np.load(cache) as c:
+            if str(c["signature"]) == sig:
+                print(f"{desc} features from the cache {cache}")
+                return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
+        print(f"the {desc} images changed since their features were cached: computing them again")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        print(f"unreadable cache {cache} ({one_line(e)}): computing the features again")
+    return None
+
+
+def cache_features(cache, sig, feats, desc):
+    try:  # write, then rename: a crash never leaves half a file
+        os.makedirs(cache_dir(), exist_ok=True)
+        np.savez(f"{cache}.tmp.npz", signature=sig, **{k: v for k, v in feats.items() if v is not None})
+        os.replace(f"{cache}.tmp.npz", cache)
+        print(f"{desc} features cached in {cache}")
+    except OSError as e:
+        print(f"cannot cache the {desc} features in {cache} ({one_line(e)}): the next run computes them again")
+
+
 def file_features(net, path, source, desc):
     """Features of the first n images of path (source = dar.image_batches(path, ...) -> (batches, n)),
     from the cache when the images and the network are those it was computed from."""
@@ -296,23 +324,10 @@ def file_features(net, path, source, desc):
     key = hashlib.sha1(f"{path}:{n}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir(), f"{os.path.basename(path)}-{key}.{net.name}.npz")
     sig = signature(path)
-    if os.path.exists(cache):
-        try:
-            with np.load(cache) as c:
-                if str(c["signature"]) == sig:
-                    print(f"{desc} features from the cache {cache}")
-                    return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
-            print(f"{path} changed since its features were cached: computing them again")
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            print(f"unreadable cache {cache} ({one_line(e)}): computing the features again")
-    feats = extract(net, batches, n, desc)[0]
-    try:  # write, then rename: a crash never leaves half a file
-        os.makedirs(cache_dir(), exist_ok=True)
-        np.savez(f"{cache}.tmp.npz", signature=sig, **{k: v for k, v in feats.items() if v is not None})
-        os.replace(f"{cache}.tmp.npz", cache)
-        print(f"{desc} features cached in {cache}")
-    except OSError as e:
-        print(f"cannot cache the {desc} features in {cache} ({one_line(e)}): the next run computes them again")
+    feats = cached_features(cache, sig, desc)
+    if feats is None:
+        feats = extract(net, batches, n, desc)[0]
+        cache_features(cache, sig, feats, desc)
     return feats
 
 
@@ -336,9 +351,18 @@ def crop_to_tensor(img, rng, size):
     return dar.to_tensor(dar.center_crop(img, size))
 
 
-def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="adams2", steps=None):
+def recon_count(data, n):
+    return min(n, len(dar.build_dataset(data, train=False))) if n else len(dar.build_dataset(data, train=False))
+
+
+def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="adams2", steps=None,
+                    preview_step=None, originals=True):
     """(originals, reconstructions) of an evenly spaced subset of the validation split (every class),
-    centre-cropped to the tokenizer's size."""
+    centre-cropped to the tokenizer's size; (reconstructions,) with originals=False. preview_step k:
+    the preview after k decoder steps."""
+    last = steps or tok.cfg.sample_steps
+    if preview_step is not None and not 1 <= preview_step <= last:
+        raise ValueError(f"--preview-step {preview_step}: the decoder takes {last} steps, so 1..{last}")
     ds = dar.build_dataset(data, functools.partial(crop_to_tensor, size=tok.cfg.image_size), train=False)
     n = len(ds) if n is None else min(n, len(ds))
     idx = np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()
@@ -348,7 +372,10 @@ def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="ad
         torch.manual_seed(seed)  # the decoder's initial noise
         for x, _ in loader:
             x = x.to(device)                                                # (B, 3, S, S) in [-1, 1]
-            yield dar.to_uint8(x), dar.to_uint8(tok.decode(tok.encode(x), sampler=sampler, steps=steps))
+            states = tok.decode_steps(tok.encode(x), sampler=sampler, steps=steps)
+            state = next(s for s in states if s.step == (preview_step or last))
+            rec = dar.to_uint8(state.preview)
+            yield (dar.to_uint8(x), rec) if originals else (rec,)
     return batches(), n
 
 
@@ -493,17 +520,29 @@ def main(argv=None):
         print(used)
         args.cfg = used.guidance  # the paper's for a released GPT when --cfg is not given
     settings = dar.sampling_settings(args, device.type == "cuda")  # --gpt: exactly as sample.py draws
+    sampler = dar.Sampler(tok, gpt, settings, device) if args.gpt else None  # checks --preview-step
     net = InceptionNet(inception_path(args.inception), device, args.trust_torchscript)
     if args.recon:  # the originals are the reference, featurised in the same pass
-        batches = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device, workers,
-                                  args.sampler, args.steps)
-        originals, samples = extract(net, *batches, desc="reconstructions")
+        # the originals' features depend only on the data, the count, the crop and the network:
+        # cached, so that comparing decoder settings costs one pass over the reconstructions
+        n, data = recon_count(args.data, args.num_samples), args.data
+        where = os.path.abspath(data) if os.path.exists(data) else data
+        key = hashlib.sha1(f"{where}:{n}:{tok.cfg.image_size}".encode()).hexdigest()[:10]
+        cache = os.path.join(cache_dir(), f"originals-{os.path.basename(where.rstrip(os.sep))}-{key}.{net.name}.npz")
+        sig = signature(data) if os.path.exists(data) else data
+        originals = cached_features(cache, sig, "originals")
+        batches = reconstructions(tok, data, n, args.batch_size, args.seed, device, workers, args.sampler,
+                                  args.steps, args.preview_step, originals=originals is None)
+        feats = extract(net, *batches, desc="reconstructions")
+        samples = feats[-1]
+        if originals is None:
+            originals = feats[0]
+            cache_features(cache, sig, originals, "originals")
         ref = dict(pool=originals["pool"], source="originals")
         ref["mu"], ref["sigma"] = feature_stats(originals["pool"])
     else:
         stats, ref_images = open_reference(args.ref, net, args.batch_size, workers)  # sizes checked, nothing run
         if args.gpt:
-            sampler = dar.Sampler(tok, gpt, settings, device)
             source = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
                                       args.seed)
         else:

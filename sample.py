@@ -98,7 +98,8 @@ def check_settings(args, tok_path, gpt_path):
     path = os.path.join(args.out, "settings.json")
     now = dict(tokenizer=os.path.abspath(tok_path), gpt=os.path.abspath(gpt_path), seed=args.seed,
                batch_size=args.batch_size, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-               top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16)
+               top_p=args.top_p, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
+               preview_step=args.preview_step)
     now = json.loads(json.dumps(now))  # tuples -> lists, as stored
     if os.path.exists(path):
         with open(path) as f:
@@ -198,6 +199,7 @@ def main(argv=None):
             for i, name in enumerate(names):
                 print(i, name or "")
             return
+        sampler = dar.Sampler(tok, gpt, args.settings, device)  # checks --preview-step against the steps
         if args.out and rank == 0:
             bad_out = check_settings(args, used.tokenizer.path, used.gpt.path)
             if bad_out:
@@ -210,7 +212,6 @@ def main(argv=None):
         ref = dar.to_tensor(dar.center_crop(dar.load_image(args.layout), tok.cfg.image_size)) if args.layout else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    sampler = dar.Sampler(tok, gpt, args.settings, device)
     if args.out:
         return bulk(args, sampler, gpt.cfg.num_classes)
 
@@ -227,7 +228,7 @@ def main(argv=None):
     print(f"{n} images in {total:.2f} s ({n / total:.2f} images/s): AR tokens {ar:.2f} s "
           f"({n * tok.cfg.num_tokens / max(ar, 1e-9):.0f} tokens/s), pixel DiT {sampler.dit_seconds:.2f} s")
 
-    images = previews[-1]
+    images = previews[-1 if args.preview_step is None else args.preview_step - 1]
     if args.preview:      # one row per sample: after group 1, 2, ..., final image last
         grid, nrow = torch.stack(previews, 1).flatten(0, 1), len(previews)
     elif ref is not None:  # one row per sample: the reference, then the result

@@ -592,7 +592,7 @@ def test_scripts_import_only_dar():
 
 def test_an_explicit_epochs_wins_over_the_presets_step_budget():
     preset = train_tokenizer.parse_args(["--preset", "tokenizer_small"])
-    assert preset.max_steps == 1800
+    assert preset.max_steps == 2600
     epochs = train_tokenizer.parse_args(["--preset", "tokenizer_small", "--epochs", "5"])
     assert epochs.max_steps is None and dar.total_steps(epochs.max_steps, epochs.epochs, 60000, 32) == 5 * 1875
     both = train_tokenizer.parse_args(["--preset", "tokenizer_small", "--epochs", "5", "--max-steps", "7"])
@@ -604,7 +604,7 @@ def test_help_shows_each_presets_defaults(capsys):
     with pytest.raises(SystemExit):
         train_tokenizer.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert re.search(r"tokenizer_small: .*--global-batch 32, --max-steps 1800, --lr 0.001", out)
+    assert re.search(r"tokenizer_small: .*--global-batch 32, --max-steps 2600, --lr 0.003", out)
     assert re.search(r"tokenizer_v1: .*--lr 0.0002, .*--warmup 500", out)
     with pytest.raises(SystemExit):
         train_ar.parse_args(["--help"])
@@ -1088,6 +1088,8 @@ def test_sample_bad_inputs(tmp_path):
     dar.save_checkpoint(dar.model_checkpoint(other), tmp_path / "g_len.pt")
     with pytest.raises(SystemExit, match="writes 32 tokens"):
         sample_script.main(["--tokenizer", OFFICIAL[1], "--gpt", str(tmp_path / "g_len.pt")])
+    with pytest.raises(SystemExit, match="--preview-step 99: the decoder takes"):
+        sample_script.main(OFFICIAL + ["--preview-step", "99"])
     with pytest.raises(SystemExit, match="cannot read image"):
         (tmp_path / "bad.png").write_bytes(b"nope")
         sample_script.main(OFFICIAL + ["--layout", str(tmp_path / "bad.png"), "--prefix-tokens", "4"])
@@ -1667,6 +1669,12 @@ def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, fid_c
     m = json.load(open(path))
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["num_samples"] == m["num_ref"] == 8
     assert m["ref_stats"] == "originals" and m["fid_note"].startswith("FID from 8 samples and 8 reference images")
+    # --preview-step 1: the image from the first group only, a different (worse) reconstruction
+    first = eval_fid.main(["--recon", "--tokenizer", str(tmp_path / "tok.ckpt"), "--data", str(data), "--inception",
+                           random_net, "--trust-torchscript", "--batch-size", "4", "--device", "cpu",
+                           "--preview-step", "1", "--json", str(tmp_path / "first.json")])
+    assert first["fid"] != m["fid"] and first["args"]["preview_step"] == 1
+    assert "originals features from the cache" in capsys.readouterr().out  # only the reconstructions ran
 
 
 def test_inline_generation_is_seeded(tmp_path, random_net, fid_cache):
