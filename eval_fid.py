@@ -369,10 +369,11 @@ def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="ad
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size, num_workers=workers)
 
     def batches():
-        torch.manual_seed(seed)  # the decoder's initial noise
+        noise = torch.Generator(device).manual_seed(seed)  # the decoder's initial noise, its own stream
         for x, _ in loader:
             x = x.to(device)                                                # (B, 3, S, S) in [-1, 1]
-            states = tok.decode_steps(tok.encode(x), sampler=sampler, steps=steps)
+            x0 = torch.randn(x.shape, generator=noise, device=device)
+            states = tok.decode_steps(tok.encode(x), x0, sampler=sampler, steps=steps)
             state = next(s for s in states if s.step == (preview_step or last))
             rec = dar.to_uint8(state.preview)
             yield (dar.to_uint8(x), rec) if originals else (rec,)

@@ -1652,6 +1652,24 @@ def test_cheap_checks_come_before_any_feature(tmp_path, random_net, fid_cache, m
         eval_fid.main([str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "s.npz")])
 
 
+def test_recon_steps_sampler_and_preview_reach_the_decoder(tmp_path):
+    """eval_fid.py --recon --steps / --sampler / --preview-step: the reconstructions are the decoder's
+    with those settings (same seed), and the originals can be left out (their features are cached)."""
+    data = tmp_path / "val"
+    write_pngs(data / "a", np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    tok = tiny_tokenizer()
+    run = lambda **kw: list(eval_fid.reconstructions(tok, str(data), 3, 3, 5, "cpu", 0, **kw)[0])
+    (orig, rec), = run(sampler="euler", steps=3)
+    x = torch.tensor(orig).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert np.array_equal(rec, dar.to_uint8(tok.decode(tok.encode(x), x0, sampler="euler", steps=3)))
+    (first,), = run(sampler="euler", steps=3, preview_step=1, originals=False)
+    states = list(tok.decode_steps(tok.encode(x), x0, sampler="euler", steps=3))
+    assert np.array_equal(first, dar.to_uint8(states[0].preview)) and not np.array_equal(first, rec)
+    with pytest.raises(ValueError, match="--preview-step 4: the decoder takes 3 steps"):
+        run(steps=3, preview_step=4)
+
+
 def test_recon_mode_with_the_official_tiny_tokenizer(tmp_path, random_net, fid_cache, capsys):
     data = tmp_path / "val"
     for c in ("cat", "dog"):  # 2 classes x 4 images of another size: centre-cropped to 64
