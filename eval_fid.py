@@ -291,8 +291,9 @@ def signature(path):
     return h.hexdigest()
 
 
-def cached_features(cache, sig, desc):
-    """The features stored in `cache` if they were computed from images with signature `sig`, else None."""
+def cached_features(cache, sig, desc, what):
+    """The features stored in `cache` if they were computed from images (`what`) with signature `sig`,
+    else None."""
     if not os.path.exists(cache):
         return None
     try:
@@ -300,7 +301,7 @@ def cached_features(cache, sig, desc):
             if str(c["signature"]) == sig:
                 print(f"{desc} features from the cache {cache}")
                 return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
-        print(f"the {desc} images changed since their features were cached: computing them again")
+        print(f"{what} changed since its features were cached: computing them again")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"unreadable cache {cache} ({one_line(e)}): computing the features again")
     return None
@@ -324,7 +325,7 @@ def file_features(net, path, source, desc):
     key = hashlib.sha1(f"{path}:{n}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir(), f"{os.path.basename(path)}-{key}.{net.name}.npz")
     sig = signature(path)
-    feats = cached_features(cache, sig, desc)
+    feats = cached_features(cache, sig, desc, path)
     if feats is None:
         feats = extract(net, batches, n, desc)[0]
         cache_features(cache, sig, feats, desc)
@@ -531,7 +532,7 @@ def main(argv=None):
         key = hashlib.sha1(f"{where}:{n}:{tok.cfg.image_size}".encode()).hexdigest()[:10]
         cache = os.path.join(cache_dir(), f"originals-{os.path.basename(where.rstrip(os.sep))}-{key}.{net.name}.npz")
         sig = signature(data) if os.path.exists(data) else data
-        originals = cached_features(cache, sig, "originals")
+        originals = cached_features(cache, sig, "originals", data)
         batches = reconstructions(tok, data, n, args.batch_size, args.seed, device, workers, args.sampler,
                                   args.steps, args.preview_step, originals=originals is None)
         feats = extract(net, *batches, desc="reconstructions")
