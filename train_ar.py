@@ -34,7 +34,7 @@ from tqdm import tqdm
 import dar
 
 # Run settings per preset: the paper's for the paper's sizes; GPT-small is what 2 CPU cores afford
-# in about 10 minutes (one view per image: the ten-crop extraction of 60K images would take 20 more).
+# in about 20 minutes (one view per image: the ten-crop extraction of 60K images would take 20 more).
 RUN_DEFAULTS = {
     **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
                ema_decay=0.0, cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
