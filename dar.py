@@ -2433,6 +2433,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h if action.default is None else h + " (default: %(default)s)"
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity: a job scheduler's allotment)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def busy_cores():
     """How many cores other programs keep busy right now: the kernel's count of runnable threads
     (/proc/loadavg) less this one, the smallest of five looks 10 ms apart so that a passing process
@@ -2455,7 +2460,7 @@ def cpu_budget(threads=None, workers=None):
     program holds are slow: on this project's 2-core machine with one other busy process, 2 threads
     trained at 17 img/s and sampled at 2.1 img/s, 1 thread at 39 img/s and 10.7 img/s. Sets torch's
     thread count; returns (threads, workers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if workers is None:  # loading in the main process costs less than a worker's core on small machines
         workers = 0 if share <= 2 else min(4, share // 2)
@@ -2467,7 +2472,7 @@ def cpu_budget(threads=None, workers=None):
 
 def busy_note(threads):
     """A line when other programs keep more cores busy than this process leaves free, else None."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     busy = busy_cores()
     if threads > 1 and threads + busy > cores:
         return (f"note: other programs keep {busy} of {cores} cores busy, and {threads} compute threads may wait "
@@ -2725,6 +2730,16 @@ def batch_seed(seed, first):
     return seed * 1_000_003 + first
 
 
+def output_step(preview_step, steps):
+    """The decoder step whose preview is the output: the last of `steps`, or --preview-step k, which
+    must name one of them (the image from the first k steps' groups)."""
+    if preview_step is None:
+        return steps
+    if not 1 <= preview_step <= steps:
+        raise ValueError(f"--preview-step {preview_step}: the decoder takes {steps} steps, so 1..{steps}")
+    return preview_step
+
+
 @dataclass
 class SamplingSettings:
     """How to sample: the AR model's draws, the decoder's ODE, and the arithmetic."""
@@ -2749,9 +2764,7 @@ class Sampler:
 
     def __init__(self, tok, gpt, settings, device):
         self.tok, self.settings, self.device = tok, settings, torch.device(device)
-        steps = settings.steps or tok.cfg.sample_steps
-        if settings.preview_step is not None and not 1 <= settings.preview_step <= steps:
-            raise ValueError(f"--preview-step {settings.preview_step}: the decoder takes {steps} steps, so 1..{steps}")
+        self.output_step = output_step(settings.preview_step, settings.steps or tok.cfg.sample_steps)
         self.gpt = gpt.to(torch.bfloat16) if settings.bf16 else gpt
         self.dit, self.decode_fn = tok.dit, decode_one_token
         if settings.compile:
@@ -2789,5 +2802,4 @@ class Sampler:
         preview_step k, the jump estimates after k decoder steps (the image from the first k groups:
         the paper's partial-token evaluation)."""
         torch.manual_seed(batch_seed(seed, first))
-        previews = self(labels)[1]
-        return to_uint8(previews[-1 if self.settings.preview_step is None else self.settings.preview_step - 1])
+        return to_uint8(self(labels)[1][self.output_step - 1])

@@ -317,13 +317,17 @@ def cache_features(cache, sig, feats, desc):
         print(f"cannot cache the {desc} features in {cache} ({one_line(e)}): the next run computes them again")
 
 
+def cache_file(net, name, key):
+    """Where the features of `name` (images identified by `key`) by this network are cached."""
+    return os.path.join(cache_dir(), f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.{net.name}.npz")
+
+
 def file_features(net, path, source, desc):
     """Features of the first n images of path (source = dar.image_batches(path, ...) -> (batches, n)),
     from the cache when the images and the network are those it was computed from."""
     batches, n = source
     path = os.path.abspath(path).rstrip(os.sep)
-    key = hashlib.sha1(f"{path}:{n}".encode()).hexdigest()[:10]
-    cache = os.path.join(cache_dir(), f"{os.path.basename(path)}-{key}.{net.name}.npz")
+    cache = cache_file(net, os.path.basename(path), f"{path}:{n}")
     sig = signature(path)
     feats = cached_features(cache, sig, desc, path)
     if feats is None:
@@ -352,22 +356,21 @@ def crop_to_tensor(img, rng, size):
     return dar.to_tensor(dar.center_crop(img, size))
 
 
-def recon_count(data, n):
-    return min(n, len(dar.build_dataset(data, train=False))) if n else len(dar.build_dataset(data, train=False))
-
-
-def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="adams2", steps=None,
-                    preview_step=None, originals=True):
-    """(originals, reconstructions) of an evenly spaced subset of the validation split (every class),
-    centre-cropped to the tokenizer's size; (reconstructions,) with originals=False. preview_step k:
-    the preview after k decoder steps."""
-    last = steps or tok.cfg.sample_steps
-    if preview_step is not None and not 1 <= preview_step <= last:
-        raise ValueError(f"--preview-step {preview_step}: the decoder takes {last} steps, so 1..{last}")
-    ds = dar.build_dataset(data, functools.partial(crop_to_tensor, size=tok.cfg.image_size), train=False)
+def recon_subset(data, n, size):
+    """An evenly spaced subset of n images of the validation split (every class), centre-cropped
+    to size: what --recon reconstructs."""
+    ds = dar.build_dataset(data, functools.partial(crop_to_tensor, size=size), train=False)
     n = len(ds) if n is None else min(n, len(ds))
-    idx = np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size, num_workers=workers)
+    return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
+
+
+def reconstructions(tok, subset, batch_size, seed, device, workers, sampler="adams2", steps=None,
+                    preview_step=None, originals=True):
+    """(originals, reconstructions) batches of the images of `subset` (recon_subset), and their
+    count; (reconstructions,) with originals=False. preview_step k: the preview after k decoder
+    steps."""
+    out_step = dar.output_step(preview_step, steps or tok.cfg.sample_steps)
+    loader = torch.utils.data.DataLoader(subset, batch_size, num_workers=workers)
 
     def batches():
         noise = torch.Generator(device).manual_seed(seed)  # the decoder's initial noise, its own stream
@@ -375,10 +378,10 @@ def reconstructions(tok, data, n, batch_size, seed, device, workers, sampler="ad
             x = x.to(device)                                                # (B, 3, S, S) in [-1, 1]
             x0 = torch.randn(x.shape, generator=noise, device=device)
             states = tok.decode_steps(tok.encode(x), x0, sampler=sampler, steps=steps)
-            state = next(s for s in states if s.step == (preview_step or last))
+            state = next(s for s in states if s.step == out_step)  # later steps are not run
             rec = dar.to_uint8(state.preview)
             yield (dar.to_uint8(x), rec) if originals else (rec,)
-    return batches(), n
+    return batches(), len(subset)
 
 
 # -----------------------------------------------------------------------------
@@ -527,13 +530,14 @@ def main(argv=None):
     if args.recon:  # the originals are the reference, featurised in the same pass
         # the originals' features depend only on the data, the count, the crop and the network:
         # cached, so that comparing decoder settings costs one pass over the reconstructions
-        n, data = recon_count(args.data, args.num_samples), args.data
+        data = args.data
+        subset = recon_subset(data, args.num_samples, tok.cfg.image_size)
         where = os.path.abspath(data) if os.path.exists(data) else data
-        key = hashlib.sha1(f"{where}:{n}:{tok.cfg.image_size}".encode()).hexdigest()[:10]
-        cache = os.path.join(cache_dir(), f"originals-{os.path.basename(where.rstrip(os.sep))}-{key}.{net.name}.npz")
+        cache = cache_file(net, f"originals-{os.path.basename(where.rstrip(os.sep))}",
+                           f"{where}:{len(subset)}:{tok.cfg.image_size}")
         sig = signature(data) if os.path.exists(data) else data
         originals = cached_features(cache, sig, "originals", data)
-        batches = reconstructions(tok, data, n, args.batch_size, args.seed, device, workers, args.sampler,
+        batches = reconstructions(tok, subset, args.batch_size, args.seed, device, workers, args.sampler,
                                   args.steps, args.preview_step, originals=originals is None)
         feats = extract(net, *batches, desc="reconstructions")
         samples = feats[-1]

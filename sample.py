@@ -228,7 +228,7 @@ def main(argv=None):
     print(f"{n} images in {total:.2f} s ({n / total:.2f} images/s): AR tokens {ar:.2f} s "
           f"({n * tok.cfg.num_tokens / max(ar, 1e-9):.0f} tokens/s), pixel DiT {sampler.dit_seconds:.2f} s")
 
-    images = previews[-1 if args.preview_step is None else args.preview_step - 1]
+    images = previews[sampler.output_step - 1]  # the image, or the preview after --preview-step
     if args.preview:      # one row per sample: after group 1, 2, ..., final image last
         grid, nrow = torch.stack(previews, 1).flatten(0, 1), len(previews)
     elif ref is not None:  # one row per sample: the reference, then the result

@@ -1658,7 +1658,8 @@ def test_recon_steps_sampler_and_preview_reach_the_decoder(tmp_path):
     data = tmp_path / "val"
     write_pngs(data / "a", np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
     tok = tiny_tokenizer()
-    run = lambda **kw: list(eval_fid.reconstructions(tok, str(data), 3, 3, 5, "cpu", 0, **kw)[0])
+    subset = eval_fid.recon_subset(str(data), 3, tok.cfg.image_size)
+    run = lambda **kw: list(eval_fid.reconstructions(tok, subset, 3, 5, "cpu", 0, **kw)[0])
     (orig, rec), = run(sampler="euler", steps=3)
     x = torch.tensor(orig).permute(0, 3, 1, 2).float() / 127.5 - 1
     x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
