@@ -90,7 +90,7 @@ class TokenizerConfig:
                                 # signal-to-noise ratio at every t, so more of the trajectory is
                                 # spent at high noise (as pixel diffusion at high resolution needs)
     time_shift: float = 2.0     # beta: sampling times t = u / (u + beta (1 - u)) for uniform u (eq. 8)
-    sample_steps: int = 8       # default number of decoder steps (one per group)
+    sample_steps: int = 8       # default number of decoder steps (8 = K: one per group)
     repa_layer: int = 8         # REPA: DiT features before this block are aligned with DINOv2
     repa_dim: int = 768         # DINOv2 ViT-B/14 width; 0 builds no projector (inference-only model)
     repa_hidden: int = 2048
@@ -638,8 +638,9 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def decode_steps(self, codes, noise=None, sampler="adams2", steps=None, state=None, dit=None):
         """Decode codes (B, N), yielding the DecodeState after each step: state.preview after step k
-        is the image as seen from the first k groups, after the last step the decoded image. Pass
-        `state` to continue a decoding that stopped part way."""
+        is the image as seen from the groups used so far (the first k with one step per group),
+        after the last step the decoded image. Pass `state` to continue a decoding that stopped part
+        way."""
         z = self.cond_tokens(codes)                                         # (B, N, dec_dim)
         if state is None:
             if noise is None:
@@ -1073,10 +1074,11 @@ TOKENIZER_PRESETS = {
     "tokenizer_v1": dict(),
     # trains on 2 CPU cores in minutes: 32x32 images (Fashion-MNIST padded), 64 tokens in 4 groups;
     # beta = 4: at this size the tokens only take hold when training dwells on the noisy times
-    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps)
+    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps); 8 decoder steps, two per group:
+    # this briefly trained DiT still gains from finer steps (README: steps and solver)
     "tokenizer_small": dict(image_size=32, patch_size=4, enc_dim=128, enc_layers=2, dec_dim=128,
                             dec_layers=2, num_tokens=64, num_groups=4, codebook_size=512,
-                            dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=4, repa_layer=2,
+                            dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=8, repa_layer=2,
                             repa_dim=0, max_tokens=64, time_shift=4.0),
     # a few seconds per step: tests
     "tokenizer_tiny": dict(image_size=32, patch_size=8, enc_dim=64, enc_layers=1, dec_dim=64,
@@ -2698,10 +2700,11 @@ def sampling_arguments(parser):
     p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
-    p.add_argument("--steps", type=positive_int, help="decoder steps (default: one per group of tokens)")
+    p.add_argument("--steps", type=positive_int, help="decoder steps (default: the tokenizer's: one per group for the paper's, two "
+                   "for tokenizer_small)")
     p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step instead of "
-                   "the image: the image from the first k groups of tokens (the paper's partial-token FIDs; "
-                   "default: off, the image)")
+                   "the image; with one step per group (--steps K), the image from the first k groups of tokens "
+                   "(the paper's partial-token FIDs; default: off, the image)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
                    "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
@@ -2748,7 +2751,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     sampler: str = "adams2"       # the decoder's ODE solver: adams2 or euler
-    steps: Optional[int] = None   # decoder steps; None: one per group (K)
+    steps: Optional[int] = None   # decoder steps; None: the tokenizer's sample_steps
     bf16: bool = False            # bf16 Llama weights and bf16 autocast for the decoder
     compile: bool = False         # torch.compile the DiT and the one-token step
     preview_step: Optional[int] = None  # batch() returns the preview after this step, not the image
@@ -2799,7 +2802,7 @@ class Sampler:
     def batch(self, first, labels, seed):
         """The images (uint8 (B, H, W, 3)) of the batch of samples first.. with these labels, drawn
         from batch_seed(seed, first): what sample.py --out writes and eval_fid.py --gpt scores. With
-        preview_step k, the jump estimates after k decoder steps (the image from the first k groups:
-        the paper's partial-token evaluation)."""
+        preview_step k, the jump estimates after k decoder steps (with one step per group, the image
+        from the first k groups: the paper's partial-token evaluation)."""
         torch.manual_seed(batch_seed(seed, first))
         return to_uint8(self(labels)[1][self.output_step - 1])

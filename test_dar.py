@@ -823,6 +823,14 @@ def test_tokenizer_training_overfits_a_batch(image_folder, tmp_path):
     tok = dar.Tokenizer.from_checkpoint(out / "ckpt.pt")
     assert os.path.exists(out / "samples" / "recon_0000040.png") and os.path.exists(out / "samples" / "preview_0000040.png")
     assert tok.decode(tok.encode(torch.zeros(1, 3, 32, 32))).shape == (1, 3, 32, 32)
+    assert "random initial" not in (out / "log.txt").read_text()  # 0.9^40: 1.5% of the EMA
+
+
+def test_early_sample_grids_say_the_ema_still_holds_the_initial_weights(tiny_tokenizer_ckpt):
+    # 10 steps at EMA decay 0.9: 0.9^10 = 35% of the average is the random network
+    log = (tiny_tokenizer_ckpt.parent / "log.txt").read_text()
+    assert "recon_0000010.png shows the EMA weights (decay 0.9), 35% of which are still the random" in log
+    assert "sharpen by step 29 (5%)" in log
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ rate, same data order, same random draws.
 
 import argparse
 import copy
+import math
 import os
 
 import torch
@@ -191,6 +192,14 @@ def main(argv=None):
             samples = os.path.join(run.out, "samples")
             save_samples(ema or model, fixed, os.path.join(samples, f"recon_{step:07d}.png"),
                          os.path.join(samples, f"preview_{step:07d}.png"))
+            # the average starts at the random weights and forgets them slowly: decay^step of it is
+            # still the initial (noise-predicting) network, so early grids look worse than training is
+            share = args.ema_decay ** step if ema is not None else 0.0
+            if share > 0.05:
+                catch_up = math.ceil(math.log(0.05) / math.log(args.ema_decay))
+                run.log(f"note: samples/recon_{step:07d}.png shows the EMA weights (decay {args.ema_decay}), "
+                        f"{share:.0%} of which are still the random initial ones: its grids sharpen by step "
+                        f"{catch_up:,} (5%)")
     run.log(f"done: {run.ckpt_path}")
     run.finish()
 
