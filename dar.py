@@ -2660,9 +2660,21 @@ class SamplingWeights:
 DEFAULT_GPT = "D-AR-L"  # what a fresh clone samples with: the released D-AR-L and its tokenizer
 
 
+def trained_with(gpt):
+    """The tokenizer our trainer learned the GPT checkpoint's codes from (its --tokenizer), where that
+    file is still there; else None. The official files record none."""
+    args = load_checkpoint(gpt).get("args")
+    path = args.get("tokenizer") if isinstance(args, dict) else None
+    if isinstance(path, str) and os.path.isfile(path):
+        print(f"tokenizer: {path}, the one {gpt} was trained with (--tokenizer picks another)")
+        return path
+    return None
+
+
 def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs", guidance=None):
     """(tokenizer, GPT, SamplingWeights). tokenizer and gpt are checkpoints (ours or official) or
-    released names. A GPT that is a released file brings its tokenizer; a model not given is the
+    released names. A GPT that is a released file brings its tokenizer, and one of ours the
+    tokenizer it was trained with (where that file is still there); a model not given is the
     newest run under runs/; given none and finding no run, the released D-AR-L. Checked to belong
     together: the GPT writes the tokenizer's codes. guidance: the one asked for; None takes the
     paper's for a released GPT, and 1 (none) for any other."""
@@ -2672,6 +2684,8 @@ def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs", guidance=No
         gpt = DEFAULT_GPT
     gpt = gpt or gpt_run
     release = gpt and release_of(gpt, "gpt")
+    if not tokenizer and gpt and not release and os.path.isfile(gpt):
+        tokenizer = trained_with(gpt)
     tokenizer = tokenizer or (RELEASES[release].tokenizer if release else tok_run)
     # both named before anything is downloaded
     for what, source in (("gpt", gpt), ("tokenizer", tokenizer)):

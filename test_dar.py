@@ -864,6 +864,14 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
     assert (gpt.cfg.vocab_size, gpt.cfg.block_size, gpt.cfg.num_classes) == (64, 16, 2)
     # the checkpoint names its classes and the tokenizer whose codes it learned
     assert gpt.classes == ["a", "b"] and gpt.tokenizer == dar.tokenizer_fingerprint(tok)
+    # sampling it with no --tokenizer takes the one it was trained with, not the newest run
+    runs = tmp_path / "runs"
+    other = runs / "tokenizer_other" / "ckpt.pt"
+    other.parent.mkdir(parents=True)
+    dar.save_checkpoint(dar.model_checkpoint(tiny_tokenizer(seed=1)), other)
+    tok2, _, used = dar.load_models(gpt=str(out / "ckpt.pt"), runs=str(runs))
+    assert used.tokenizer.path == str(tiny_tokenizer_ckpt)
+    assert dar.tokenizer_fingerprint(tok2) == gpt.tokenizer
 
 
 def test_ar_training_online_encoding(image_folder, tiny_tokenizer_ckpt, tmp_path):
