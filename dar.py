@@ -1074,8 +1074,9 @@ TOKENIZER_PRESETS = {
     "tokenizer_v1": dict(),
     # trains on 2 CPU cores in minutes: 32x32 images (Fashion-MNIST padded), 64 tokens in 4 groups;
     # beta = 4: at this size the tokens only take hold when training dwells on the noisy times
-    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps); 8 decoder steps, two per group:
-    # this briefly trained DiT still gains from finer steps (README: steps and solver)
+    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps); 8 decoder steps, twice K (step i
+    # uses group round(i K / 8): the groups 1, 2, 2, 3, 3, 4, 4, 4): this briefly trained DiT still
+    # gains from finer steps (README: steps and solver)
     "tokenizer_small": dict(image_size=32, patch_size=4, enc_dim=128, enc_layers=2, dec_dim=128,
                             dec_layers=2, num_tokens=64, num_groups=4, codebook_size=512,
                             dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=8, repa_layer=2,
@@ -2714,8 +2715,8 @@ def sampling_arguments(parser):
     p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
-    p.add_argument("--steps", type=positive_int, help="decoder steps (default: the tokenizer's: one per group for the paper's, two "
-                   "for tokenizer_small)")
+    p.add_argument("--steps", type=positive_int, help="decoder steps (default: the tokenizer's: one per group for the paper's, 8 "
+                   "for tokenizer_small's 4 groups)")
     p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step instead of "
                    "the image; with one step per group (--steps K), the image from the first k groups of tokens "
                    "(the paper's partial-token FIDs; default: off, the image)")
