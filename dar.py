@@ -1708,27 +1708,30 @@ def build_dataset(data, transform=None, train=True, seed=0):
 
 def scan_images(dataset, size, threads=4):
     """Check every image of a dataset once, before training: (unreadable files as (path, reason),
-    how many images are smaller than size). Headers and checksums only (PIL's verify), in threads:
+    how many images are smaller than size, how many have a shorter side larger than size). Headers
+    and checksums only (PIL's verify), in threads:
     a few seconds for tens of thousands of files. A bad file found here costs nothing; met at
     step 31, it would stop every resumed run at the same step, the data order being fixed."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
     if dataset.files is None:  # in-memory arrays (N, H, W): readable, one size
-        return [], len(dataset) if min(dataset.arrays.shape[1:3]) < size else 0
+        side = min(dataset.arrays.shape[1:3])
+        return [], len(dataset) if side < size else 0, len(dataset) if side > size else 0
 
     def check(path):
         try:
             with Image.open(path) as im:
                 w, h = im.size
                 im.verify()
-            return None, min(w, h) < size
+            return None, (min(w, h) > size) - (min(w, h) < size)   # -1 smaller, 1 larger, 0 fits
         except Exception as e:
-            return (path, str(e).splitlines()[0] if str(e) else type(e).__name__), False
+            return (path, str(e).splitlines()[0] if str(e) else type(e).__name__), 0
     from tqdm import tqdm
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(tqdm(pool.map(check, dataset.files), total=len(dataset.files), desc="checking images",
                             disable=len(dataset.files) < 5000, dynamic_ncols=True))
-    return [bad for bad, _ in results if bad], sum(small for _, small in results)
+    return ([bad for bad, _ in results if bad], sum(fit < 0 for _, fit in results),
+            sum(fit > 0 for _, fit in results))
 
 
 def write_npz(path, images, labels):
@@ -2305,8 +2308,9 @@ def quiet_worker(_):
 
 def check_images(run, dataset, size, skip_bad, threads):
     """Scan the data set once (scan_images): stop on unreadable images, or leave them out with
-    skip_bad and list them in the log; say how many images are padded up to size."""
-    bad, small = scan_images(dataset, size, threads)
+    skip_bad and list them in the log; say how many images are padded up to size, and how many
+    scaled down to it."""
+    bad, small, large = scan_images(dataset, size, threads)
     if bad and not skip_bad:
         run.fail(f"{len(bad)} unreadable image(s), the first {bad[0][0]} ({bad[0][1]}): fix or remove them, "
                  f"or pass --skip-bad-images to leave them out")
@@ -2318,6 +2322,9 @@ def check_images(run, dataset, size, skip_bad, threads):
     if small:
         run.log(f"note: {small} of {len(dataset)} images are smaller than {size} px: they are padded with black "
                 f"to {size}, not enlarged")
+    if large:
+        run.log(f"note: {large} of {len(dataset)} images are larger than {size} px: they are scaled down (shorter "
+                f"side to {size}, as ADM) and cropped to {size}x{size}")
 
 
 def tokenizer_fingerprint(tok):

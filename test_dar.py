@@ -946,8 +946,8 @@ def test_training_bad_inputs(image_folder, tmp_path):
         train_tokenizer.main(base + ["--data", str(tmp_path / "empty")])
     bad = tmp_path / "bad"
     os.makedirs(bad / "x")
-    for i in range(8):
-        Image.new("RGB", (32, 32)).save(bad / "x" / f"{i}.png")
+    for i in range(8):  # one image smaller than the model's 32 px, one larger: each said in one line
+        Image.new("RGB", {0: (20, 20), 1: (48, 40)}.get(i, (32, 32))).save(bad / "x" / f"{i}.png")
     (bad / "x" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     # found by the scan before the first step (met at a later step, it would stop every resumed run)
     with pytest.raises(SystemExit, match="1 unreadable image.*3.png.*--skip-bad-images"):
@@ -956,6 +956,8 @@ def test_training_bad_inputs(image_folder, tmp_path):
     train_tokenizer.main(base + ["--data", str(bad), "--global-batch", "7", "--skip-bad-images"])
     log = open(tmp_path / "r" / "log.txt").read()
     assert "leaving out 1 unreadable image(s)" in log and "3.png" in log and "| 7 images |" in log
+    assert "1 of 7 images are smaller than 32 px: they are padded with black" in log
+    assert "1 of 7 images are larger than 32 px: they are scaled down (shorter side to 32" in log
     with pytest.raises(SystemExit, match="GPT checkpoint, expected a tokenizer"):
         train_ar.main(["--preset", "GPT-tiny", "--tokenizer", os.path.join(GOLDEN, "gpt_tiny.ckpt"),
                        "--data", str(image_folder), "--out", str(tmp_path / "a")])
