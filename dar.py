@@ -1982,7 +1982,9 @@ class Run:
         if changed:
             self.fail(f"{path} was trained with other settings: {', '.join(changed)}; run with the same "
                       f"settings to resume it, or start afresh with --no-resume or another --out")
-        self.log(f"resuming from {path} at step {ckpt['step']}")
+        longer = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {v}" for k, v in (run_args or {}).items()
+                  if k in ("max_steps", "epochs", "micro_batch") and k in ckpt.get("args", {}) and ckpt["args"][k] != v]
+        self.log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(longer)})" if longer else ""))
         return ckpt
 
     def starting_point(self, kind, args, preset_cfg, finetune):

@@ -678,6 +678,7 @@ def test_resume_checks_the_settings_and_drops_stale_metrics(image_folder, tmp_pa
     with pytest.raises(SystemExit, match=r"--data .* \(now fashion-mnist\)"):
         train_tokenizer.main(base + ["--max-steps", "4", "--data", "fashion-mnist"])
     train_tokenizer.main(base + ["--max-steps", "4", "--workers", "0", "--log-every", "1"])  # longer: allowed
+    assert "resuming from" in (log := open(out / "log.txt").read()) and "at step 2 (--max-steps 2 -> 4)" in log
     steps = [m["step"] for m in metrics(out)]
     assert steps == [1, 2, 3, 4] and all(m["loss"] != 9.0 for m in metrics(out))
     assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]
