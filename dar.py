@@ -1976,15 +1976,17 @@ class Run:
             self.fail(str(e))
         if ckpt.get("kind") != kind or "optimizer" not in ckpt:
             self.fail(f"{path} is not a {kind} training checkpoint to resume from")
-        changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {v})" for k, v in (run_args or {}).items()
-                   if v is not None and k in ckpt.get("args", {}) and k not in RESUME_MAY_CHANGE
-                   and ckpt["args"][k] != v]
+        stored = ckpt.get("args", {})
+        differ = [(k, stored[k], v) for k, v in (run_args or {}).items() if v is not None and k in stored
+                  and stored[k] != v]
+        changed = [f"--{k.replace('_', '-')} {old} (now {v})" for k, old, v in differ if k not in RESUME_MAY_CHANGE]
         if changed:
             self.fail(f"{path} was trained with other settings: {', '.join(changed)}; run with the same "
                       f"settings to resume it, or start afresh with --no-resume or another --out")
-        longer = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {v}" for k, v in (run_args or {}).items()
-                  if k in ("max_steps", "epochs", "micro_batch") and k in ckpt.get("args", {}) and ckpt["args"][k] != v]
-        self.log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(longer)})" if longer else ""))
+        # of the settings a resumed run may change, those that change how long or in what steps it trains
+        told = [f"--{k.replace('_', '-')} {old} -> {v}" for k, old, v in differ
+                if k in ("max_steps", "epochs", "micro_batch")]
+        self.log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(told)})" if told else ""))
         return ckpt
 
     def starting_point(self, kind, args, preset_cfg, finetune):
