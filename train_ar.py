@@ -1,291 +1,343 @@
 """
 Train the D-AR autoregressive model (stage 2): an unmodified Llama over the tokenizer's codes.
 
-    python train_ar.py --preset GPT-small --tokenizer runs/tokenizer_small/ckpt.pt   # Fashion-MNIST, CPU
-    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer tokenizer_v1 \\
-        --data /data/imagenet/train
+    python train_ar.py --tokenizer runs/tokenizer_small/ckpt.pt        # GPT-small on Fashion-MNIST, a CPU
+    torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer tokenizer_v1 --data /data/imagenet/train
     python train_ar.py --init-from D-AR-L --data my_folder --lr 1e-4   # fine-tune the released D-AR-L
 
-The loss is eq. 6's cross-entropy on the N = 256 tokens given the class, the class dropped to the
-null class with p = 0.1 for classifier-free guidance (dar.ar_loss). Paper settings (LlamaGen's
-recipe), the defaults of the GPT-B/L/XL/XXL presets: AdamW 4e-4, betas (0.9, 0.95), weight decay
-0.05 on matrices and embeddings, batch 1024, 300 epochs with the learning rate decaying linearly
-to 1e-5 over the last 50, clip 1.0, bf16. Augmentation: centre crop at 1.1x, then one of ten crops
-(four corners, centre, and their mirror images).
+The loss is eq. 6's cross-entropy of the N tokens given the class, the class dropped to the null
+class with p = 0.1 for classifier-free guidance (dar.ar_loss). The GPT-B/L/XL/XXL defaults are the
+paper's (LlamaGen's recipe): AdamW 4e-4, betas (0.9, 0.95), weight decay 0.05 on matrices and
+embeddings, batch 1024, 300 epochs of ImageNet with the learning rate decaying linearly to 1e-5
+over the last 50, clip 1.0, bf16 on GPUs; centre crop at 1.1x, then one of ten crops.
 
-The tokenizer (ours or the official D-AR-tokenizer_v1.pt) is frozen. Rather than encoding every
-image at every step, the codes of all ten crops of every image are extracted once (in parallel
-over the processes) into a compact int16 array under --codes-dir, reused by later epochs and
-later runs; each step then reads one of the ten views per image. --online-encode encodes on the
-fly instead (the official way: slower, but needs no disk).
+The tokenizer (ours or official) is frozen, so the codes of all ten crops of every image are
+extracted once (in parallel over the processes) into an int16 array under --codes-dir, reused by
+later runs; a step reads one view per image. --online-encode encodes at every step instead (the
+official way: slower, no disk). The run directory is as train_tokenizer.py's; the checkpoint also
+records the tokenizer (sample.py uses it) and the class names.
 """
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
+import math
 import os
 import random
+import sys
+import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dar
 
-# Run settings per preset: the paper's for the paper's sizes; GPT-small is what 2 CPU cores afford
-# in about 20 minutes (one view per image: the ten-crop extraction of 60K images would take 20 more).
+# Run settings per preset (the flags' defaults): 300 epochs of ImageNet (1,281,167 images) at batch
+# 1024 are 375,300 steps, the last 50 epochs 62,550; GPT-small is what 2 CPU cores afford in about
+# 12 minutes (its samples stop improving after ~400 steps: README); GPT-tiny is for the tests.
 RUN_DEFAULTS = {
-    **{p: dict(data=None, global_batch=1024, epochs=300, lr=4e-4, weight_decay=0.05, decay_epochs=50,
-               ema_decay=0.0, cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
+    **{p: dict(data=None, global_batch=1024, max_steps=375_300, decay_steps=62_550, lr=4e-4, ema_decay=0.0,
+               cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
        for p in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL")},
-    "GPT-small": dict(data="fashion-mnist", global_batch=64, max_steps=1000, lr=1e-3, weight_decay=0.05,
-                      decay_epochs=0.5, ema_decay=0.99, cfg=1.5, augment=False, log_every=50, ckpt_every=200,
-                      sample_every=400),
-    "GPT-tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.05, decay_epochs=0.5,
-                     ema_decay=0.9, cfg=1.0, augment=True, log_every=50, ckpt_every=1000, sample_every=1000),
+    "GPT-small": dict(data="fashion-mnist", global_batch=64, max_steps=1000, decay_steps=468, lr=1e-3,
+                      ema_decay=0.99, cfg=1.5, augment=False, log_every=50, ckpt_every=200, sample_every=400),
+    "GPT-tiny": dict(data=None, global_batch=8, max_steps=10, decay_steps=1, lr=1e-3, ema_decay=0.9, cfg=1.0,
+                     augment=True, log_every=5, ckpt_every=1000, sample_every=1000),
 }
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter,
-                                epilog=dar.presets_help(RUN_DEFAULTS))
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS),
-                   help="model size and run settings")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (ours or official) or released name (tokenizer_v1); "
-                   "required (no default), except with --init-from a released GPT, which brings its own")
-    dar.training_arguments(p)
-    p.add_argument("--class-dropout", type=dar.fraction, help="p of the null class, for guidance (default: the "
-                   "model config's, 0.1)")
-    p.add_argument("--decay-epochs", type=dar.nonneg_float, help="linear decay to 1e-5 over the last epochs (50 of "
-                   "300 in the paper; default: the preset's)")
-    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number (default: the preset's)")
+                   help="model size; its run settings are the defaults below (--preset P --help shows P's)")
+    p.add_argument("--tokenizer", help="the frozen tokenizer: a released name (tokenizer_v1) or a checkpoint; "
+                   "None: tokenizer_v1 with --init-from a released GPT, else required")
+    p.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
+    p.add_argument("--out", help="run directory; None: runs/<preset>, or runs/<preset>-from-<name>")
+    p.add_argument("--init-from", help="start from these weights (fine-tuning): a released name (D-AR-L, "
+                   "D-AR-XL) or a checkpoint, ours or official; the model's size is theirs")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
+    p.add_argument("--global-batch", type=dar.positive_int, help="sequences per optimizer step, all processes")
+    p.add_argument("--micro-batch", type=dar.positive_int, help="sequences per forward and process; less than "
+                   "global batch / processes accumulates gradients; None: no accumulation")
+    p.add_argument("--max-steps", type=dar.positive_int, help="optimizer steps")
+    p.add_argument("--lr", type=dar.positive_float, help="AdamW learning rate")
+    p.add_argument("--decay-steps", type=dar.nonneg_int, help="the last steps, over which lr decays linearly to 1e-5")
+    p.add_argument("--weight-decay", type=dar.nonneg_float, default=0.05, help="AdamW, on matrices and embeddings")
+    p.add_argument("--beta2", type=dar.decay, default=0.95, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=dar.positive_float, default=1.0, help="max gradient norm")
+    p.add_argument("--ema-decay", type=dar.decay, help="EMA of the weights (what is sampled); 0: none")
+    p.add_argument("--class-dropout", type=dar.fraction, default=0.1, help="p of the null class (for guidance)")
     p.add_argument("--reverse-tokens", action="store_true", help="learn the tokens fine to coarse (the paper's "
-                   "ablation of the order); the checkpoint records it and sampling flips them back")
-    p.add_argument("--online-encode", action="store_true", help="encode images at every step instead "
-                   "of pre-extracting the codes")
-    p.add_argument("--codes-dir", help="where extracted codes are cached (default: codes/ beside the run directory)")
-    p.add_argument("--extract-batch", type=dar.positive_int, default=64, help="images per forward during extraction")
-    p.add_argument("--tokens", type=dar.positive_int, default=256, help="--benchmark only: sequence length")
-    p.add_argument("--vocab", type=dar.positive_int, default=16384, help="--benchmark only: codebook size")
+                   "ablation of the order); recorded, and sampling flips them back")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="ten crops at 1.1x (the paper's); "
+                   "--no-augment: centre crops")
+    p.add_argument("--online-encode", action="store_true", help="encode the images at every step instead of "
+                   "extracting their codes once")
+    p.add_argument("--codes-dir", help="where extracted codes are kept; None: codes/ beside the run directory")
+    p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number")
+    p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
+    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: "
+                   "less memory, ~30%% slower")
+    p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores less the workers")
+    p.add_argument("--workers", type=dar.nonneg_int, default=0, help="data-loader processes per process")
+    p.add_argument("--log-every", type=dar.positive_int, help="steps between log lines (and metrics.jsonl)")
+    p.add_argument("--ckpt-every", type=dar.positive_int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=dar.positive_int, help="steps between sample grids")
     return p
 
 
 def parse_args(argv=None):
+    preset = build_parser(add_help=False).parse_known_args(argv)[0].preset  # its settings are the defaults
     p = build_parser()
+    p.set_defaults(**RUN_DEFAULTS[preset])
     args = p.parse_args(argv)
-    args = dar.fill_run_defaults(args, RUN_DEFAULTS[args.preset])
+    # a fine-tune of a release is named after it: runs/GPT-small-from-D-AR-L
+    from_release = args.init_from in dar.RELEASES
+    args.out = args.out or os.path.join("runs", args.preset + (f"-from-{args.init_from}" * from_release))
+    args.tokenizer = args.tokenizer or ("tokenizer_v1" if from_release else None)
     args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    if not args.tokenizer:
+        p.error("--tokenizer is required (a checkpoint or tokenizer_v1)")
     return args
 
 
 # -----------------------------------------------------------------------------
-# Codes: extracted once, one of ten views per sample
+# Codes: the views of every image, encoded once
 
 def views(img, size, augment):
-    """The AR augmentation's candidate crops of one PIL image: centre crop at 1.1x then the ten
-    crops, or just the centre crop."""
+    """The crops one step may see of a PIL image: centre crop at 1.1x, then the four corners, the
+    centre, and the same mirrored (the paper's ten crops); or the centre crop alone."""
     if not augment:
         return [dar.center_crop(img, size)]
     big = dar.center_crop(img, int(size * 1.1))
-    return [dar.ten_crop(big, size, i) for i in range(10)]
+    W, H = big.size
+    corners = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size), ((W - size) // 2, (H - size) // 2)]
+    crops = [big.crop((x, y, x + size, y + size)) for x, y in corners]
+    return crops + [c.transpose(0) for c in crops]                  # 0: FLIP_LEFT_RIGHT
 
 
-class ViewsOf(torch.utils.data.Dataset):
-    """Image i -> all its views as one tensor (V, 3, S, S), for the extraction."""
-
-    def __init__(self, dataset, indices, size, augment):
-        self.dataset, self.indices, self.size, self.augment = dataset, indices, size, augment
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        i = self.indices[j]
-        return i, torch.stack([dar.to_tensor(v) for v in views(self.dataset.image(i), self.size, self.augment)])
+def all_views(img, rng, size, augment):  # the data set's transform for the extraction: (V, 3, S, S)
+    return torch.stack([dar.to_tensor(v) for v in views(img, size, augment)])
 
 
-def codes_cache_path(args, tok_path, n_images, n_views):
-    """Codes depend on the tokenizer weights (the file tok_path), the data, the image size and the views."""
-    st = os.stat(tok_path)
-    key = json.dumps([os.path.abspath(tok_path), st.st_size, st.st_mtime_ns,
-                      os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
-                      args.image_size, n_images, n_views])
-    return os.path.join(args.codes_dir, f"codes_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+def one_view(img, rng, size, augment):   # --online-encode: one of them, chosen from (seed, epoch, index)
+    return dar.to_tensor(rng.choice(views(img, size, augment)))
 
 
 @torch.no_grad()
-def extract_codes(run, args, tok, tok_path, dataset):
-    """All views of all images through the tokenizer's encoder -> (M, V, N) int16 .npy, memory
-    mapped. Each process encodes its share and writes its rows; the file is complete once a
-    marker file exists next to it."""
-    n_views = 10 if args.augment else 1
-    path = codes_cache_path(args, tok_path, len(dataset), n_views)
-    done = path + ".done"
-    if os.path.exists(done):
-        run.log(f"codes: reusing {path}")
-        return np.load(path, mmap_mode="r")
-    N, V = tok.cfg.num_tokens, tok.cfg.codebook_size
-    dtype = np.int16 if V <= 32768 else np.int32  # 2 bytes per token for codebooks up to 32768
-    if run.master:
-        os.makedirs(args.codes_dir, exist_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(dataset), n_views, N)).flush()
-    run.barrier()
-    out = np.load(path, mmap_mode="r+")
-    mine = list(range(run.rank, len(dataset), run.world))  # process r encodes images r, r + world, ...
-    loader = torch.utils.data.DataLoader(ViewsOf(dataset, mine, args.image_size, args.augment),
-                                         batch_size=max(1, args.extract_batch // n_views),
-                                         num_workers=args.workers, pin_memory=run.cuda)
-    batches = iter(loader)
-    for _ in tqdm(range(len(loader)), desc="extracting codes", disable=not run.master, dynamic_ncols=True):
-        idx, x = dar.next_batch(run, batches)
-        codes = tok.encode(x.flatten(0, 1).to(run.device))                  # (B * V, N)
-        out[idx.numpy()] = codes.view(len(idx), n_views, N).cpu().numpy().astype(dtype)
-    out.flush()
-    run.barrier()
-    if run.master:
-        with open(done, "w") as f:
-            f.write(json.dumps(dict(tokenizer=args.tokenizer, data=args.data, shape=out.shape)))
-        run.log(f"codes: wrote {path} {out.shape}")
+def extract_codes(args, tok, images, rank, world, device):
+    """The codes of all views of all images -> (M, V, N) int16 .npy, memory-mapped. Its name holds the
+    tokenizer file, the data, the size and the views, so a later run on the same finds it; each
+    process encodes images rank, rank + world, ... and a .done file marks it complete."""
+    V, N, size = 10 if args.augment else 1, tok.cfg.num_tokens, tok.cfg.image_size
+    tok_file = dar.find_weights(args.tokenizer, "tokenizer")
+    data = os.path.abspath(args.data) if os.path.exists(args.data) else args.data
+    key = json.dumps([os.path.abspath(tok_file), os.path.getmtime(tok_file), data, len(images), size, V])
+    path = os.path.join(args.codes_dir, f"codes_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+    if not os.path.exists(path + ".done"):
+        if rank == 0:
+            os.makedirs(args.codes_dir, exist_ok=True)
+            np.lib.format.open_memmap(path, "w+", np.int16, (len(images), V, N)).flush()  # codebooks <= 32768
+        if world > 1:
+            torch.distributed.barrier()
+        out = np.load(path, mmap_mode="r+")
+        images.transform = functools.partial(all_views, size=size, augment=args.augment)
+        mine = torch.utils.data.Subset(images, range(rank, len(images), world))
+        loader = torch.utils.data.DataLoader(mine, batch_size=max(1, 64 // V), num_workers=args.workers,
+                                             worker_init_fn=dar.worker_init)
+        for j, (x, _) in enumerate(tqdm(loader, desc="extracting codes", disable=rank != 0, dynamic_ncols=True)):
+            codes = tok.encode(x.flatten(0, 1).to(device)).view(len(x), V, N)
+            out[rank + world * (j * loader.batch_size + np.arange(len(x)))] = codes.cpu().numpy()
+        out.flush()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            open(path + ".done", "w").close()
     return np.load(path, mmap_mode="r")
 
 
 class CodeDataset(torch.utils.data.Dataset):
-    """(codes (N,), label): one of the stored views, chosen from (seed, epoch, index)."""
+    """(codes (N,), label) of image i: one of its stored views, chosen from (seed, epoch, i)."""
 
     def __init__(self, codes, labels, seed):
-        self.codes, self.labels, self.seed, self.epoch = codes, labels, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+        self.codes, self.labels, self.seed = codes, labels, seed
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        v = random.Random(hash((self.seed, self.epoch, i))).randrange(self.codes.shape[1])
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self))  # see dar.GlobalBatchSampler
+        v = random.Random(hash((self.seed, epoch, i))).randrange(self.codes.shape[1])
         return torch.from_numpy(self.codes[i, v].astype(np.int64)), self.labels[i]
 
 
+def finetune_start(args, tok, num_classes, log):
+    """The GPT of --init-from (EMA weights when it has them) for num_classes classes. Another number
+    of classes resizes the class table: the classes both have keep their rows, new rows are drawn as
+    initialize_weights draws them (N(0, 0.02)), and the null class row stays the last one."""
+    gpt = dar.GPT.from_pretrained(args.init_from, block_size=tok.cfg.num_tokens).train()
+    dar.check_pair(tok, gpt)
+    old, dim = gpt.cfg.num_classes, gpt.cfg.dim
+    log(f"starting from {args.init_from}: {gpt.cfg.n_layer} layers, dim {dim}, {old} classes")
+    if num_classes != old:
+        table = torch.empty(num_classes + 1, dim).normal_(0, 0.02)
+        keep = min(old, num_classes)
+        table[:keep], table[-1] = gpt.class_embed.weight.detach()[:keep], gpt.class_embed.weight.detach()[-1]
+        gpt.class_embed, gpt.cfg.num_classes = nn.Embedding.from_pretrained(table, freeze=False), num_classes
+        log(f"class table resized from {old} to {num_classes} classes: classes 0..{keep - 1} keep their rows, "
+            f"the null class row moves from {old} to {num_classes}")
+    return gpt
+
+
 @torch.no_grad()
-def save_samples(gpt, tok, path, guidance, seed, per_class=4):
-    """One row per class (up to 10 classes), per_class samples each, from a fixed seed."""
+def save_samples(gpt, tok, path, guidance, seed):
+    """A grid of 4 samples for each of the first 10 classes, one row per class, from a fixed seed."""
     gpt.eval()
-    torch.manual_seed(seed)
-    device = next(gpt.parameters()).device
-    labels = torch.arange(min(10, gpt.cfg.num_classes), device=device).repeat_interleave(per_class)
-    tokens = dar.generate(gpt, labels, tok.cfg.num_tokens, guidance=guidance)
-    dar.save_grid(tok.decode(tokens), path, nrow=per_class)
+    labels = torch.arange(min(10, gpt.cfg.num_classes), device=gpt.output.weight.device).repeat_interleave(4)
+    dar.save_grid(dar.sample(tok, gpt, labels, seed, guidance)[-1], path, nrow=4)
     gpt.train()
 
 
-# -----------------------------------------------------------------------------
-
 def main(argv=None):
     args = parse_args(argv)
-    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
-    args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
-    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
-    # --class-dropout sets the config's field, which the loss reads and the checkpoint keeps
-    gpt_overrides = dict(reverse_tokens=args.reverse_tokens)
-    if args.class_dropout is not None:
-        gpt_overrides["class_dropout"] = args.class_dropout
+    rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
+    master, cuda = rank == 0, device.type == "cuda"
+    dar.set_threads(args.threads, args.workers)
+    micro, accum = dar.micro_batches(args.global_batch, args.micro_batch, world)
+    log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
-    def loss_fn(net, codes, labels):  # eq. 6, with class dropout for guidance
-        loss = dar.ar_loss(net, codes, labels, cfg.class_dropout, cfg.num_classes, cfg.reverse_tokens)
-        return loss, dict(loss=loss.item())
+    # ---- the frozen tokenizer and the images
+    tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device).requires_grad_(False)
+    tokenizer = args.tokenizer if args.tokenizer in dar.RELEASES else os.path.abspath(args.tokenizer)
+    log(f"tokenizer: {tokenizer} (frozen)")
+    images = dar.build_dataset(args.data, seed=args.seed)
 
-    if args.benchmark:  # synthetic codes: no tokenizer needed
-        cfg = dar.gpt_config(args.preset, vocab_size=args.vocab, block_size=args.tokens, **gpt_overrides)
-        model = dar.new_model(lambda: dar.GPT(cfg), 0, run.device, 0)[0].train()
-        model.grad_checkpointing = args.grad_checkpointing
-        B = args.micro_batch or args.global_batch
-        batch = (torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=run.device),
-                 torch.randint(0, cfg.num_classes, (B,), device=run.device))
-        optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-        return dar.benchmark_training(run, settings, args.preset, model, loss_fn, optimizer, batch, "tok",
-                                      cfg.block_size)
-
-    # the frozen tokenizer (a released GPT to fine-tune brings its own) and the data
-    release = args.init_from and dar.release_of(args.init_from, "gpt")
-    args.tokenizer = args.tokenizer or (release and dar.RELEASES[release].tokenizer)
-    if not args.tokenizer:
-        run.fail("--tokenizer is required")
-    if args.data is None:
-        run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
-    run.open()  # the run directory, locked: one run at a time in it
-    try:
-        tok_weights = dar.resolve_weights(args.tokenizer, "tokenizer")
-        tok_path = tok_weights.path
-        tok = dar.load_tokenizer(tok_path, map_location=run.device).requires_grad_(False)
-        images = dar.build_dataset(args.data, seed=args.seed)
-        dar.check_images(run, images, args.image_size or tok.cfg.image_size, args.skip_bad_images, args.threads)  # every file, once
-        micro, accum = settings.split(run.world, len(images))
-    except (OSError, ValueError, RuntimeError) as e:
-        run.fail(str(e))
-    run.log(f"tokenizer {tok_weights} (frozen)")
-    if args.image_size and args.image_size != tok.cfg.image_size:
-        run.log(f"note: the tokenizer was trained at {tok.cfg.image_size} px; using {args.image_size}")
-    args.image_size = args.image_size or tok.cfg.image_size
-
-    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
-    # preset's size with random weights
-    cfg, start_gpt, resumed = run.starting_point(
-        "dar.gpt", args, dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
-                                        num_classes=len(images.classes)),
-        lambda source: dar.gpt_to_finetune(source, tok, len(images.classes), args.seed, run.log))
-    for k, v in gpt_overrides.items():  # in place: the model's own config is saved with it
-        setattr(cfg, k, v)
-    if cfg.num_classes != len(images.classes) or cfg.vocab_size != tok.cfg.codebook_size:
-        run.fail(f"the model has {cfg.num_classes} classes and {cfg.vocab_size} codes; the data has "
-                 f"{len(images.classes)} classes and the tokenizer {tok.cfg.codebook_size} codes")
-
-    # what a step reads: stored codes of one view per image, or images encoded on the fly
-    if args.online_encode:
-        def transform(img, rng):
-            return dar.to_tensor(rng.choice(views(img, args.image_size, args.augment)))
-        images.transform = transform
-        dataset = images
-
-        def step_loss(net, x, labels):
-            return loss_fn(net, tok.encode(x), labels)
+    # ---- start: the run's own checkpoint (resume), else --init-from weights, else the preset
+    torch.manual_seed(args.seed)                     # the same initial weights on every process
+    ckpt = dar.resume_checkpoint(args, log, master)
+    if ckpt:
+        model = dar.GPT(dar.config_from_dict(dar.GPTConfig, ckpt["config"]))
+    elif args.init_from:
+        model = finetune_start(args, tok, len(images.classes), log)
     else:
-        dataset = CodeDataset(extract_codes(run, args, tok, tok_path, images), images.labels, args.seed)
-        step_loss = loss_fn
+        model = dar.GPT(dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
+                                       num_classes=len(images.classes)))
+    model.cfg.class_dropout, model.cfg.reverse_tokens = args.class_dropout, args.reverse_tokens  # saved with it
+    if (model.cfg.num_classes, model.cfg.vocab_size) != (len(images.classes), tok.cfg.codebook_size):
+        raise ValueError(f"the GPT has {model.cfg.num_classes} classes and {model.cfg.vocab_size} codes; --data has "
+                         f"{len(images.classes)} classes and --tokenizer {tok.cfg.codebook_size} codes")
+    model.to(device).grad_checkpointing = args.grad_checkpointing
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, fused=cuda)
+    step = 0
+    if ckpt:  # weights, EMA, optimizer moments and step: training goes on as if never stopped
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] or ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
 
-    # model, EMA and optimizer; restored from the run's checkpoint when it resumes
-    model, ema = dar.new_model(lambda: copy.deepcopy(start_gpt) if start_gpt else dar.GPT(cfg), args.seed,
-                               run.device, args.ema_decay)
-    start_gpt = None  # the model and its EMA are copies of it: free it
-    model.grad_checkpointing = args.grad_checkpointing
-    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(resumed, model, ema, optimizer)
-    total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    size = f"{cfg.n_layer} layers, dim {cfg.dim}" if args.init_from or resumed else args.preset
-    run.describe(f"GPT {size} (vocab {cfg.vocab_size}, {cfg.block_size} tokens, {cfg.num_classes} classes)",
-                 model, len(dataset), micro, accum, args.global_batch, total, args.threads, args.workers)
+    # ---- data: stored codes of one view per image, or images encoded on the fly; an endless stream
+    # of micro-batches from this step on, the same for a resumed run and for any number of processes
+    if args.online_encode:
+        images.transform = functools.partial(one_view, size=tok.cfg.image_size, augment=args.augment)
+        dataset = images
+    else:
+        dataset = CodeDataset(extract_codes(args, tok, images, rank, world, device), images.labels, args.seed)
+    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, micro, rank, world, args.seed, step)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                               pin_memory=cuda, worker_init_fn=dar.worker_init))
 
-    # the paper's schedule: constant, then linear to 1e-5 over the last decay_epochs
-    decay_start = max(0, total - round(args.decay_epochs * (len(dataset) // args.global_batch)))
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if cuda else None)
+    c = model.cfg
+    log(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {c.n_layer} layers, dim "
+        f"{c.dim}, {c.block_size} tokens of {c.vocab_size}, {c.num_classes} classes | {len(dataset)} images | "
+        f"{world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
+        f"{args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
 
-    def lr_at(step):
-        if step < decay_start:
-            return args.lr
-        p = (step - decay_start) / max(total - decay_start, 1)
-        return args.lr * (1 - p) + 1e-5 * p
+    # ---- the loop
+    stop = dar.catch_stop()                          # Ctrl-C / SIGTERM: save, then stop
+    loss_sum, since, t0 = 0.0, 0, time.time()        # summed on the device since the last log
+    decay_start = args.max_steps - args.decay_steps
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    while step < args.max_steps:
+        # the paper's schedule: constant, then linear to 1e-5 over the last decay_steps
+        p = max(0.0, (step - decay_start) / max(args.decay_steps, 1))
+        lr = args.lr * (1 - p) + 1e-5 * p
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for m in range(accum):
+            x, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            # class dropout, dropout and the rest of this micro-batch's draws, as in an uninterrupted run
+            torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
+            codes = tok.encode(x) if args.online_encode else x
+            if world > 1:  # DDP averages the gradients in the backward of the last micro-batch only
+                net.require_backward_grad_sync = m == accum - 1
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                loss = dar.ar_loss(net, codes, labels, c.class_dropout, c.num_classes, c.reverse_tokens)
+            (loss / accum).backward()
+            loss_sum += loss.detach() / accum        # no .item(): the host never waits for the device
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            dar.update_ema(ema, model, args.ema_decay)
+        step, since = step + 1, since + 1
+        pbar.update()
 
-    # the loop: dar.train does the steps, logging and checkpoints; the sample grids are drawn here
-    model.train()
-    # the checkpoint records which tokenizer's codes it learned (sample.py warns on another one)
-    for step in dar.train(run, settings, model, ema, optimizer, dataset, step_loss, lr_at, total, start,
-                          unit="tok", per_sample=cfg.block_size, run_args=vars(args),
-                          ckpt_extra=dict(tokenizer=dar.tokenizer_fingerprint(tok), classes=images.classes)):
-        if run.master and (step % args.sample_every == 0 or step == total):
-            save_samples(ema or model, tok, os.path.join(run.out, "samples", f"ar_{step:07d}.png"), args.cfg,
-                         args.seed)
-    run.log(f"done: {run.ckpt_path}")
-    run.finish()
+        # ---- every --log-every steps: the loss of all processes, averaged (the only sync), which also
+        # tells whether any process was asked to stop; one process stops right after a signal
+        stopping = bool(stop) and world == 1
+        if step % args.log_every == 0 or step == args.max_steps or stopping:
+            values = torch.stack([loss_sum, torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(values)
+            mean, stopped = (values / world).tolist()
+            stopping, mean = stopped > 0, mean / since
+            if not math.isfinite(mean):
+                raise ValueError(f"non-finite loss at step {step}; resume from {args.out}/ckpt.pt with a lower --lr")
+            rate = args.global_batch * c.block_size * since / (time.time() - t0)
+            log(f"step {step}/{args.max_steps} | loss {mean:.4f} | lr {lr:.2e} | grad {grad_norm.item():.3f} | "
+                f"{rate:.0f} tok/s")
+            if master:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, lr=lr, loss=mean)) + "\n")
+            loss_sum, since, t0 = 0.0, 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+            if master:
+                dar.save_checkpoint(dar.model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
+                                                         args=vars(args), tokenizer=tokenizer,
+                                                         classes=images.classes), os.path.join(args.out, "ckpt.pt"))
+            if world > 1:
+                torch.distributed.barrier()
+        if master and (step % args.sample_every == 0 or step == args.max_steps):
+            save_samples(ema or model, tok, f"{args.out}/samples/ar_{step:07d}.png", args.cfg, args.seed)
+        if stopping:
+            dar.catch_stop(False)
+            sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in "
+                     f"{args.out}/ckpt.pt: the same command resumes" if master else 1)
+    pbar.close()
+    dar.catch_stop(False)
+    log(f"done: {args.out}/ckpt.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input, missing files or weights: one line
+        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")

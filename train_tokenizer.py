@@ -1,208 +1,321 @@
 """
 Train the D-AR sequential diffusion tokenizer (stage 1).
 
-    python train_tokenizer.py --preset tokenizer_small            # Fashion-MNIST on a CPU, ~20 min
+    python train_tokenizer.py                          # tokenizer_small on Fashion-MNIST, a CPU, ~15 min
     torchrun --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
     python train_tokenizer.py --init-from tokenizer_v1 --data my_folder --lr 1e-5   # fine-tune the released one
 
-The loss is the paper's eq. 7 (dar.tokenizer_loss): flow matching + VQ + commitment + 0.5 LPIPS +
-0.5 REPA. The settings of the official run are tokenizer_v1's defaults: AdamW 2e-4, betas (0.9,
-0.95), no weight decay, 500 warm-up steps then constant, clip 1.0, EMA 0.999, bf16, global batch
-512, random crop + flip.
+The loss is eq. 7 (dar.tokenizer_loss): flow matching + VQ + commitment + 0.5 LPIPS + 0.5 REPA.
+tokenizer_v1's defaults are the official run's: AdamW 2e-4, betas (0.9, 0.95), no weight decay,
+500 warm-up steps then constant, clip 1.0, EMA 0.999, bf16 on GPUs, global batch 512, 210K steps,
+random crop + flip.
 
-The run directory (--out, default runs/<preset>) receives ckpt.pt (model, EMA, optimizer, step,
-config, args, RNG; rewritten atomically every --ckpt-every steps), log.txt, metrics.jsonl and
-samples/*.png. Running the same command again resumes from ckpt.pt: same step, same learning
-rate, same data order, same random draws.
+The run directory (--out, default runs/<preset>) gets ckpt.pt (model, EMA, optimizer, step,
+config, flags; every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM), log.txt,
+metrics.jsonl and samples/. The same command again resumes from ckpt.pt exactly: same step, data
+order and random draws (dar.GlobalBatchSampler, dar.step_seed).
 """
 
 import argparse
 import copy
+import functools
+import json
 import math
 import os
+import sys
+import time
+from dataclasses import replace
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import dar
 
-# Run settings per preset: the paper's for tokenizer_v1; for the small one, what 2 CPU cores afford
-# in about 20 minutes (2,600 steps of 32 images); the tiny one is for the tests.
+# Run settings per preset (the flags' defaults): the official run's for tokenizer_v1; for the small
+# one, what 2 CPU cores afford in about 15 minutes (README: small scale); the tiny one is for tests.
 RUN_DEFAULTS = {
-    "tokenizer_v1": dict(data=None, global_batch=512, epochs=100, lr=2e-4, weight_decay=0.0, warmup=500,
-                         ema_decay=0.999, lpips_weight=0.5, repa_weight=0.5, augment=True,
-                         log_every=50, ckpt_every=1000, sample_every=1000),
-    "tokenizer_small": dict(data="fashion-mnist", global_batch=32, max_steps=2600, lr=3e-3, weight_decay=0.0,
-                            warmup=100, ema_decay=0.998, lpips_weight=0.0, repa_weight=0.0, augment=True,
-                            log_every=50, ckpt_every=250, sample_every=500),
-    "tokenizer_tiny": dict(data=None, global_batch=8, epochs=1, lr=1e-3, weight_decay=0.0, warmup=2,
-                           ema_decay=0.9, lpips_weight=0.0, repa_weight=0.0, augment=True,
-                           log_every=50, ckpt_every=1000, sample_every=1000),
+    "tokenizer_v1": dict(data=None, global_batch=512, max_steps=210_000, lr=2e-4, warmup=500, ema_decay=0.999,
+                         lpips_weight=0.5, repa_weight=0.5, log_every=50, ckpt_every=1000, sample_every=1000),
+    "tokenizer_small": dict(data="fashion-mnist", global_batch=32, max_steps=2600, lr=3e-3, warmup=100,
+                            ema_decay=0.998, lpips_weight=0.0, repa_weight=0.0, log_every=50, ckpt_every=250,
+                            sample_every=500),
+    "tokenizer_tiny": dict(data=None, global_batch=8, max_steps=10, lr=1e-3, warmup=2, ema_decay=0.9,
+                           lpips_weight=0.0, repa_weight=0.0, log_every=5, ckpt_every=1000, sample_every=1000),
 }
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter,
-                                epilog=dar.presets_help(RUN_DEFAULTS))
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="tokenizer_small", choices=sorted(dar.TOKENIZER_PRESETS),
-                   help="model size and run settings")
-    dar.training_arguments(p)
-    p.add_argument("--warmup", type=dar.nonneg_int, help="linear warm-up steps, then a constant learning rate "
-                   "(default: the preset's)")
-    p.add_argument("--lpips-weight", type=dar.nonneg_float, help="lambda_1 of eq. 7 (0.5 in the paper); 0 turns "
-                   "LPIPS off (default: the preset's)")
-    p.add_argument("--repa-weight", type=dar.nonneg_float, help="lambda_2 of eq. 7 (0.5 in the paper); 0 turns "
-                   "REPA off (default: the preset's)")
-    p.add_argument("--time-shift", type=dar.positive_float, help="beta of eqs. 5 and 8: how far the groups crowd "
-                   "towards the noisy start (default: the preset's, 2 in the paper)")
+                   help="model size; its run settings are the defaults below (--preset P --help shows P's)")
+    p.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
+    p.add_argument("--out", help="run directory; None: runs/<preset>")
+    p.add_argument("--init-from", help="start from these weights (fine-tuning): a released name (tokenizer_v1) "
+                   "or a checkpoint, ours or official; the model's size is theirs")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
+    p.add_argument("--image-size", type=dar.positive_int, help="training resolution; None: the preset's")
+    p.add_argument("--time-shift", type=dar.positive_float, help="beta of eqs. 5 and 8; None: the preset's")
+    p.add_argument("--global-batch", type=dar.positive_int, help="images per optimizer step, all processes")
+    p.add_argument("--micro-batch", type=dar.positive_int, help="images per forward and process; less than global "
+                   "batch / processes accumulates gradients; None: no accumulation")
+    p.add_argument("--max-steps", type=dar.positive_int, help="optimizer steps")
+    p.add_argument("--lr", type=dar.positive_float, help="AdamW learning rate, after a linear warm-up")
+    p.add_argument("--warmup", type=dar.nonneg_int, help="warm-up steps")
+    p.add_argument("--weight-decay", type=dar.nonneg_float, default=0.0, help="AdamW, on matrices and embeddings")
+    p.add_argument("--beta2", type=dar.decay, default=0.95, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=dar.positive_float, default=1.0, help="max gradient norm")
+    p.add_argument("--ema-decay", type=dar.decay, help="EMA of the weights (what is sampled); 0: none")
+    p.add_argument("--lpips-weight", type=dar.nonneg_float, help="lambda_1 of eq. 7 (0.5 in the paper); 0: off")
+    p.add_argument("--repa-weight", type=dar.nonneg_float, help="lambda_2 of eq. 7 (0.5 in the paper); 0: off")
     p.add_argument("--loss-backbones", choices=["pretrained", "random"], default="pretrained",
-                   help="'random': randomly initialised VGG / ViT-B/14 for offline smoke tests")
+                   help="random: untrained VGG16 / ViT-B/14, for offline smoke tests (the losses mean nothing)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rescaled crops and flips (official); --no-augment: centre crops")
+    p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
+    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: "
+                   "less memory, ~30%% slower")
+    p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores less the workers")
+    p.add_argument("--workers", type=dar.nonneg_int, default=0, help="data-loader processes per process")
+    p.add_argument("--log-every", type=dar.positive_int, help="steps between log lines (and metrics.jsonl)")
+    p.add_argument("--ckpt-every", type=dar.positive_int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=dar.positive_int, help="steps between sample grids")
     return p
 
 
 def parse_args(argv=None):
+    preset = build_parser(add_help=False).parse_known_args(argv)[0].preset  # its settings are the defaults
     p = build_parser()
+    p.set_defaults(**RUN_DEFAULTS[preset])
     args = p.parse_args(argv)
-    return dar.fill_run_defaults(args, RUN_DEFAULTS[args.preset])
+    args.out = args.out or os.path.join("runs", args.preset)
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    return args
 
 
-class TokenizerLoss:
-    """Eq. 7 with this run's networks and weights, plus codebook statistics for the log: usage (the
-    fraction of the codebook seen over the last 100 batches of this process) and the official "dead
-    code rate" (the fraction of token positions whose code is the same across the batch: collapse)."""
+# -----------------------------------------------------------------------------
+# Data: the official augmentation (ADM's random_crop_arr, then a flip), or centre crops. rng is
+# seeded per (seed, epoch, image) by the data set, so a resumed run sees the same crops.
 
-    def __init__(self, args, device, codebook_size):
-        random_init = args.loss_backbones == "random"
-        self.lpips = dar.build_lpips(random_init, device) if args.lpips_weight > 0 else None
-        self.repa = dar.RepaTarget(random_init).to(device) if args.repa_weight > 0 else None
-        self.weights = args.lpips_weight, args.repa_weight
-        self.codebook_size, self.recent_codes = codebook_size, []
+def augment(img, rng, size):
+    img = dar.fit_shorter_side(img, rng.randint(size, math.ceil(size / 0.8)))  # shorter side in [S, S / 0.8]
+    x, y = rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size)
+    img = img.crop((x, y, x + size, y + size))
+    return dar.to_tensor(img.transpose(0) if rng.random() < 0.5 else img)     # 0: FLIP_LEFT_RIGHT
 
-    def __call__(self, tok, images, labels):
-        loss, terms, codes = dar.tokenizer_loss(tok, images, self.lpips, self.repa, *self.weights)
-        parts = {k: v.item() for k, v in terms.items()}
-        self.recent_codes = (self.recent_codes + [codes.detach().flatten().cpu()])[-100:]
-        parts["usage"] = torch.cat(self.recent_codes).unique().numel() / self.codebook_size
-        parts["dead"] = (codes.float().std(0) < 1e-5).float().mean().item() if codes.shape[0] > 1 else 0.0
-        parts["loss"] = loss.item()
-        return loss, parts
+
+def centre(img, rng, size):
+    return dar.to_tensor(dar.center_crop(img, size))
+
+
+# -----------------------------------------------------------------------------
+# The two extra losses of eq. 7 need pretrained networks, loaded here and passed to tokenizer_loss
+
+def build_lpips(random_init, device):
+    """LPIPS on VGG16, as the official training: the lpips package ships its linear heads, the VGG16
+    weights come from torchvision's download."""
+    import lpips
+    try:
+        net = lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False)
+    except Exception as e:
+        raise OSError(f"LPIPS needs the VGG16 ImageNet weights ({dar.one_line(e)}): put them in the torch hub "
+                      f"cache, or train without LPIPS: --lpips-weight 0") from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+class RepaTarget(nn.Module):
+    """Frozen DINOv2 ViT-B/14 patch tokens (B, 256, 768) of the input images, the REPA target: [-1, 1]
+    -> ImageNet normalisation -> bicubic 224 px, as the official code. random_init: a random
+    torchvision ViT-B/14 of the same shape instead (offline smoke tests)."""
+
+    def __init__(self, random_init):
+        super().__init__()
+        if random_init:
+            from torchvision.models import VisionTransformer
+            self.vit = VisionTransformer(224, 14, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+        else:
+            try:
+                self.dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")
+            except Exception as e:
+                raise OSError(f"REPA needs DINOv2 ViT-B/14 from torch.hub ({dar.one_line(e)}): put it in the torch "
+                              f"hub cache, or train without REPA: --repa-weight 0") from None
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = F.interpolate(((images.float() + 1) / 2 - self.mean) / self.std, size=224, mode="bicubic")
+        if hasattr(self, "dino"):
+            return self.dino.forward_features(x)["x_norm_patchtokens"]
+        tokens = self.vit._process_input(x)  # torchvision's ViT: its encoder's tokens, less the class token
+        return self.vit.encoder(torch.cat([self.vit.class_token.expand(len(x), -1, -1), tokens], 1))[:, 1:]
+
+
+def finetune_start(args, log):
+    """The tokenizer of --init-from (EMA weights when it has them) for this run: its size, this run's
+    image size, and a REPA projector only if the run trains REPA (the file's, or a new one)."""
+    tok = dar.Tokenizer.from_pretrained(args.init_from)
+    repa = args.repa_weight > 0
+    model = dar.Tokenizer(replace(tok.cfg, image_size=args.image_size or tok.cfg.image_size,
+                                  repa_dim=(tok.cfg.repa_dim or 768) if repa else 0))
+    sd = {k: v for k, v in tok.state_dict().items() if repa or not k.startswith("dit.repa.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)  # a new projector keeps its init
+    if unexpected or any(not k.startswith("dit.repa.") for k in missing):
+        raise dar.CheckpointError(f"{args.init_from}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    c = model.cfg
+    log(f"starting from {args.init_from}: {c.image_size} px, {c.num_tokens} tokens in {c.num_groups} groups, "
+        f"codebook {c.codebook_size}, REPA projector {'new' if missing else 'the file' if repa else 'none'}")
+    return model
 
 
 @torch.no_grad()
-def save_samples(model, images, path_recon, path_preview):
-    """Inputs above their decodes; and one row per image of the jump estimate after each group,
-    then the input."""
+def save_samples(model, images, step, out):
+    """recon_<step>.png: inputs above their decodes; preview_<step>.png: per image the jump estimate
+    after each decoder step, then the input. Fixed images and noise: the grids show training move."""
     model.eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)).to(images.device)
     states = list(model.decode_steps(model.encode(images), noise))
-    dar.save_grid(torch.cat([images, states[-1].preview]), path_recon, nrow=len(images))
-    k = min(4, len(images))
-    strip = torch.stack([s.preview[:k] for s in states], dim=1)                    # (k, steps, 3, H, W)
-    dar.save_grid(torch.cat([strip, images[:k, None]], dim=1).flatten(0, 1), path_preview, nrow=len(states) + 1)
+    dar.save_grid(torch.cat([images, states[-1].preview]), f"{out}/samples/recon_{step:07d}.png", nrow=len(images))
+    strip = torch.stack([s.preview[:4] for s in states] + [images[:4]], dim=1)       # (4, steps + 1, 3, H, W)
+    dar.save_grid(strip.flatten(0, 1), f"{out}/samples/preview_{step:07d}.png", nrow=len(states) + 1)
     model.train()
-
-
-def fixed_images(dataset, size, n=8):
-    """n images spread over the classes (the first of class 0, 1, ...; then the second...), shown
-    at every sample step."""
-    by_class = {}
-    for i, label in enumerate(dataset.labels):
-        by_class.setdefault(label, []).append(i)
-    picks = [ids[r] for r in range(n) for ids in by_class.values() if r < len(ids)][:n]
-    return torch.stack([dar.to_tensor(dar.center_crop(dataset.image(i), size)) for i in picks])
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = dar.Run(args.out)  # rank, world size, device (torchrun or not), the run directory
-    args.threads, args.workers = dar.cpu_budget(args.threads, args.workers)  # never more than the cores
-    settings = dar.TrainSettings.from_dict(vars(args))  # what dar.train reads of the flags
-    try:
-        overrides = {k: v for k, v in dict(image_size=args.image_size, time_shift=args.time_shift).items() if v}
-        cfg = dar.tokenizer_config(args.preset, **overrides)
-    except ValueError as e:
-        run.fail(f"--image-size {args.image_size}: {e}")
-    if args.repa_weight <= 0:
-        cfg.repa_dim = 0  # no REPA projector to train
+    rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
+    master, cuda = rank == 0, device.type == "cuda"
+    dar.set_threads(args.threads, args.workers)
+    micro, accum = dar.micro_batches(args.global_batch, args.micro_batch, world)
+    log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
-    if args.benchmark:  # synthetic images, random loss backbones: the same compute, no download
-        args.loss_backbones = "random"
-        model = dar.new_model(lambda: dar.Tokenizer(cfg), 0, run.device, 0)[0].train()
-        model.set_grad_checkpointing(args.grad_checkpointing)
-        B, size = args.micro_batch or args.global_batch, cfg.image_size
-        batch = (torch.rand(B, 3, size, size, device=run.device) * 2 - 1, torch.zeros(B, dtype=torch.long, device=run.device))
-        optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-        return dar.benchmark_training(run, settings, args.preset, model, TokenizerLoss(args, run.device, cfg.codebook_size), optimizer,
-                                      batch, "img", 1)
-
-    # the model: the run's own checkpoint when it resumes, else the --init-from weights, else the
-    # preset's size with random weights
-    repa_dim = cfg.repa_dim  # 0 when this run trains no REPA
-    cfg, start_tok, resumed = run.starting_point(
-        "dar.tokenizer", args, cfg, lambda source: dar.tokenizer_to_finetune(source, repa_dim, args.seed, args.image_size,
-                                                                             run.log))
-    args.image_size = size = cfg.image_size
-
-    # data: random crop of a randomly rescaled image and a random flip (the official augmentation),
-    # or centre crops; the crop's randomness comes from (seed, epoch, index)
-    if args.data is None:
-        run.fail("--data is required for this preset (an ImageFolder directory or a built-in name)")
-    run.open()  # the run directory, locked: one run at a time in it
-    if args.augment:
-        def transform(img, rng):
-            return dar.to_tensor(dar.flip(dar.random_crop(img, size, rng), rng))
+    # ---- start: the run's own checkpoint (resume), else --init-from weights, else the preset
+    torch.manual_seed(args.seed)                     # the same initial weights on every process
+    ckpt = dar.resume_checkpoint(args, log, master)
+    if ckpt:
+        model = dar.Tokenizer(dar.config_from_dict(dar.TokenizerConfig, ckpt["config"]))
+    elif args.init_from:
+        model = finetune_start(args, log)
     else:
-        def transform(img, rng):
-            return dar.to_tensor(dar.center_crop(img, size))
-    try:
-        dataset = dar.build_dataset(args.data, transform, seed=args.seed)
-        dar.check_images(run, dataset, size, args.skip_bad_images, args.threads)  # every file, once
-        micro, accum = settings.split(run.world, len(dataset))  # checked now, not after the model is built
-        loss_fn = TokenizerLoss(args, run.device, cfg.codebook_size)
-        fixed = fixed_images(dataset, size).to(run.device)  # the images every sample step shows
-    except (OSError, ValueError, RuntimeError) as e:
-        run.fail(str(e))
+        changes = {k: v for k, v in dict(image_size=args.image_size, time_shift=args.time_shift).items() if v}
+        try:
+            cfg = dar.tokenizer_config(args.preset, **changes, repa_dim=768 if args.repa_weight > 0 else 0)
+        except ValueError as e:
+            raise ValueError(f"--image-size {args.image_size}: {e}") from None
+        model = dar.Tokenizer(cfg)
+    model.to(device).set_grad_checkpointing(args.grad_checkpointing)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, fused=cuda)
+    step = 0
+    if ckpt:  # weights, EMA, optimizer moments and step: training goes on as if never stopped
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] or ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
 
-    # model, EMA and optimizer; restored from the run's checkpoint when it resumes (then the step,
-    # the learning rate, the data order and the random draws go on as if never interrupted)
-    model, ema = dar.new_model(lambda: copy.deepcopy(start_tok) if start_tok else dar.Tokenizer(cfg), args.seed,
-                               run.device, args.ema_decay)
-    start_tok = None  # the model and its EMA are copies of it: free it
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, run.cuda)
-    start = run.resume(resumed, model, ema, optimizer)
-    total = dar.total_steps(args.max_steps, args.epochs, len(dataset), args.global_batch)
-    what = args.preset if not (args.init_from or resumed) else f"{cfg.image_size} px"
-    run.describe(f"tokenizer {what}", model, len(dataset), micro, accum, args.global_batch, total,
-                 args.threads, args.workers)
+    # ---- data: an endless stream of micro-batches from this step on, each image augmented from
+    # (seed, epoch, index): the same stream for a resumed run and for any number of processes
+    size = model.cfg.image_size
+    transform = functools.partial(augment if args.augment else centre, size=size)
+    dataset = dar.build_dataset(args.data, transform, seed=args.seed)
+    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, micro, rank, world, args.seed, step)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                               pin_memory=cuda, worker_init_fn=dar.worker_init))
+    first = {}                                       # the first image of each class, shown at each sample step
+    for i, label in enumerate(dataset.labels):
+        first.setdefault(label, i)
+    picks = (list(first.values()) + list(range(0, len(dataset), max(1, len(dataset) // 8))))[:8]
+    fixed = torch.stack([dar.to_tensor(dar.center_crop(dataset.image(i), size)) for i in picks]).to(device)
+    backbones = args.loss_backbones == "random"
+    lpips = build_lpips(backbones, device) if args.lpips_weight > 0 else None
+    repa = RepaTarget(backbones).to(device) if args.repa_weight > 0 else None
 
-    # the paper's schedule: linear warm-up, then constant (the official run never decays: the EMA
-    # weights do the averaging a decay would)
-    def lr_at(step):
-        return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if cuda else None)
+    log(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} px | "
+        f"{len(dataset)} images | {world} process(es) x micro-batch {micro} x {accum} accumulation = "
+        f"{args.global_batch} | {args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
 
-    # the loop: dar.train does the steps, logging and checkpoints, and hands back each step number;
-    # what to look at now and then is this script's business
-    model.train()
-    for step in dar.train(run, settings, model, ema, optimizer, dataset, loss_fn, lr_at, total, start,
-                          run_args=vars(args)):
-        if run.master and (step % args.sample_every == 0 or step == total):
-            # the EMA weights are the ones that get saved for sampling: show what they do
-            samples = os.path.join(run.out, "samples")
-            save_samples(ema or model, fixed, os.path.join(samples, f"recon_{step:07d}.png"),
-                         os.path.join(samples, f"preview_{step:07d}.png"))
-            # the average starts at the random weights and forgets them slowly: decay^step of it is
-            # still the initial (noise-predicting) network, so early grids look worse than training is
-            share = args.ema_decay ** step if ema is not None else 0.0
-            if share > 0.05:
-                catch_up = math.ceil(math.log(0.05) / math.log(args.ema_decay))
-                run.log(f"note: samples/recon_{step:07d}.png shows the EMA weights (decay {args.ema_decay}), "
-                        f"{share:.0%} of which are still the random initial ones: its grids sharpen by step "
-                        f"{catch_up:,} (5%)")
-    run.log(f"done: {run.ckpt_path}")
-    run.finish()
+    # ---- the loop
+    stop = dar.catch_stop()                          # Ctrl-C / SIGTERM: save, then stop
+    sums, since, t0 = {}, 0, time.time()             # loss terms summed on the device since the last log
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    while step < args.max_steps:
+        # the paper's schedule: linear warm-up, then constant (the EMA does the averaging a decay would)
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for m in range(accum):
+            images = next(batches)[0].to(device, non_blocking=True)
+            # t, the noise and the rest of this micro-batch's draws, as in an uninterrupted run
+            torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
+            if world > 1:  # DDP averages the gradients in the backward of the last micro-batch only
+                net.require_backward_grad_sync = m == accum - 1
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                loss, terms, codes = dar.tokenizer_loss(net, images, lpips, repa, args.lpips_weight, args.repa_weight)
+            (loss / accum).backward()
+            for k, v in dict(loss=loss, **terms).items():  # no .item(): the host never waits for the device
+                sums[k] = sums.get(k, 0.0) + v.detach() / accum
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            dar.update_ema(ema, model, args.ema_decay)
+        step, since = step + 1, since + 1
+        pbar.update()
+
+        # ---- every --log-every steps: the losses of all processes, averaged (the only sync), which
+        # also tell whether any process was asked to stop; one process stops right after a signal
+        stopping = bool(stop) and world == 1
+        if step % args.log_every == 0 or step == args.max_steps or stopping:
+            values = torch.stack([*sums.values(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(values)
+            *means, stopped = (values / world).tolist()
+            stopping = stopped > 0
+            logs = {k: v / since for k, v in zip(sums, means)}
+            if not all(map(math.isfinite, logs.values())):
+                raise ValueError(f"non-finite loss at step {step}; resume from {args.out}/ckpt.pt with a lower --lr")
+            logs["codes_used"] = codes.unique().numel() / model.cfg.codebook_size  # of the last micro-batch
+            rate = args.global_batch * since / (time.time() - t0)
+            log(f"step {step}/{args.max_steps} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()) +
+                f" | lr {lr:.2e} | grad {grad_norm.item():.3f} | {rate:.1f} img/s")
+            if master:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, lr=lr, **logs)) + "\n")
+            sums, since, t0 = {}, 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+            if master:
+                dar.save_checkpoint(dar.model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
+                                                         args=vars(args)), os.path.join(args.out, "ckpt.pt"))
+            if world > 1:
+                torch.distributed.barrier()
+        if master and (step % args.sample_every == 0 or step == args.max_steps):
+            save_samples(ema or model, fixed, step, args.out)  # the EMA weights are what sample.py uses
+        if stopping:
+            dar.catch_stop(False)
+            sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in "
+                     f"{args.out}/ckpt.pt: the same command resumes" if master else 1)
+    pbar.close()
+    dar.catch_stop(False)
+    log(f"done: {args.out}/ckpt.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input, missing files or weights: one line
+        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
