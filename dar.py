@@ -40,12 +40,14 @@ shapes are noted in comments, e.g. (B, N, D).
 """
 
 import argparse
+import gzip
 import itertools
 import json
 import math
 import os
 import random
 import re
+import signal
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -53,7 +55,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 # =============================================================================
 #                                 PART I: D-AR
@@ -696,7 +700,7 @@ class Tokenizer(nn.Module):
     def from_pretrained(cls, source="tokenizer_v1", use_ema=True):
         """A tokenizer from a released name (tokenizer_v1: downloaded once from the Hugging Face hub)
         or a checkpoint file, ours or official (EMA weights when it has them); section 13."""
-        return load_tokenizer(find_weights(source, "tokenizer"), use_ema)
+        return load_model(find_weights(source, "tokenizer"), "tokenizer", use_ema)
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
@@ -904,7 +908,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):
         """A GPT from a released name (D-AR-L, D-AR-XL; their tokenizer is tokenizer_v1) or a checkpoint
         file, ours or official (whose sequence length, not stored, is block_size or 256); section 13."""
-        return load_gpt(find_weights(source, "gpt"), use_ema, block_size)
+        return load_model(find_weights(source, "gpt"), "gpt", use_ema, block_size)
 
 # -----------------------------------------------------------------------------
 # section 11. Generation: prefill / decode one token, classifier-free guidance with a linear
@@ -1097,12 +1101,8 @@ def gpt_config(preset, **overrides):
 
 
 # =============================================================================
-#                            PART II: running D-AR
+#          PART II: what the scripts share (each holds the rest of its stage)
 # =============================================================================
-# Only what two or more scripts share: checkpoints (ours, the official format, the released files
-# by name), images and data sets, processes and the data order that make a resumed or multi-process
-# run repeat the uninterrupted one, and the sampling that sample.py and eval_fid.py both draw with.
-# Each script holds the rest of its stage, its training loop included.
 
 # -----------------------------------------------------------------------------
 # section 13. Checkpoints: safe loading, the official format, the released weights by name
@@ -1112,11 +1112,16 @@ class CheckpointError(ValueError):
 
 
 class _OfficialConfig(dict):
-    """Stand-in for the official config_util.Config (a mapping over its `_data` dict), so that the
-    official tokenizer checkpoints unpickle without the official code and without running any."""
+    """The official config_util.Config (a mapping over `_data`), read without the official code."""
 
     def __setstate__(self, state):
         self.update(state.get("_data", {}))
+
+
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
 
 
 def save_checkpoint(obj, path):
@@ -1127,17 +1132,13 @@ def save_checkpoint(obj, path):
 
 
 def model_checkpoint(model, ema=None, **extra):
-    """Our checkpoint dict: kind, config (a plain dict), weights (the EMA's too), and what the trainer
-    adds (optimizer, step, args...). Models are saved unwrapped (no DDP / compile prefixes)."""
-    kind = "dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt"
-    return dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(),
-                ema=ema.state_dict() if ema is not None else None, **extra)
+    return dict(kind="dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt", config=asdict(model.cfg),
+                model=model.state_dict(), ema=None if ema is None else ema.state_dict(), **extra)
 
 
 def load_checkpoint(path):
-    """torch.load(weights_only=True). A pickle can name any callable and have it run on load
-    (os.system, say); weights_only refuses every name but tensors, containers and this allow-list
-    (the official config class, read as a dict), so a file never runs code."""
+    """torch.load(weights_only=True): a pickle can name any callable to run on load (os.system, say);
+    this refuses all but tensors, containers and the allow-list below, so no file runs code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -1151,46 +1152,15 @@ def load_checkpoint(path):
     return ckpt
 
 
-def one_line(e):
-    """An exception as one line: its type and the first line of its message."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
-
-
-def checkpoint_kind(ckpt):
-    """('tokenizer' | 'gpt' | None, official?). Ours say what they are; the official files are known by
-    a key only that model has (the GPTs are {"model": state dict} or a bare state dict)."""
-    if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt"):
-        return ckpt["kind"][4:], False
-    keys = " ".join(ckpt.get("model", ckpt)) if isinstance(ckpt.get("model", ckpt), dict) else ""
-    if "tok_embeddings.weight" in keys:
-        return "gpt", True
-    if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict):
-        return "tokenizer", True
-    return None, False
-
-
-def strip_prefixes(sd):
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes of state dict keys."""
-    return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in sd.items()}
-
-
 def tokenizer_config_from_official(c):
     """The official tokenizer config (YAML `model:` section) -> TokenizerConfig."""
     c = c.get("model", c)
     dd = c["diff_decoder"]
-    # options the official code has but no released checkpoint uses: refuse rather than build a
-    # different model that happens to accept the weights
-    unsupported = {"vq_enable": False, "query_low_rank": False, "mlp_head": True, "share_time_encoding": True}
-    for k, bad in unsupported.items():
-        if c.get(k, dd.get(k)) == bad:
-            raise CheckpointError(f"official tokenizer option {k}={bad} is not supported")
-    if c.get("queries_per_step", c["num_all_queries"] // c["num_query_groups"]) * c["num_query_groups"] != c["num_all_queries"]:
-        raise CheckpointError("official tokenizer with queries_per_step != N / K is not supported")
-    if dd.get("cond_dim", c["decoder_dim"]) != c["decoder_dim"]:
-        raise CheckpointError("official tokenizer with cond_dim != decoder_dim is not supported")
-    # official name -> ours, field by field; defaults are the official code's
-    return TokenizerConfig(
+    # the official code's options that no release uses and that strict loading would not catch
+    if c.get("queries_per_step", c["num_all_queries"] // c["num_query_groups"]) * c["num_query_groups"] != \
+            c["num_all_queries"] or not c.get("vq_enable", True):
+        raise CheckpointError("official tokenizer with queries_per_step != N / K or no VQ: not supported")
+    return TokenizerConfig(  # official name -> ours, field by field; defaults are the official code's
         image_size=c.get("sampling_resolution", 256), patch_size=c["encoder_patch_size"],
         enc_dim=c["encoder_dim"], enc_layers=c["num_encoder_layers"],
         dec_dim=c["decoder_dim"], dec_layers=c["num_decoder_layers"],
@@ -1200,6 +1170,11 @@ def tokenizer_config_from_official(c):
         data_std=dd.get("data_std", 1.0), time_shift=float(dd.get("time_shift", 1.0)),
         sample_steps=c["num_denoising_steps"], repa_layer=dd.get("repa_layer", 8),
         rope_theta=float(c.get("rope_base_len", 10000)))
+
+
+def strip_prefixes(sd):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes of state dict keys."""
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in sd.items()}
 
 
 # official tokenizer key -> ours (regex, in order); q/k/v triples are fused afterwards
@@ -1216,23 +1191,19 @@ _TOKENIZER_RENAMES = [
 ]
 
 
-# The official modules keep q, k, v as three Linears and 1x1 convolutions where a Linear does the
-# same; the conversion below is the whole difference between the two state dicts.
 def convert_official_tokenizer(sd):
-    """Official tokenizer state dict -> ours: rename, fuse q/k/v (cross-attention: k/v) into one
-    Linear, turn 1x1 conv weights (out, in, 1, 1) into Linear weights, drop the codebook-usage
-    statistics buffer."""
+    """Official tokenizer state dict -> ours, the whole difference: renames, q/k/v fused, 1x1 conv
+    weights (out, in, 1, 1) as Linear ones, the official trainer's codebook statistics dropped."""
     out = {}
     for k, v in strip_prefixes(sd).items():
-        if k.endswith("quantize.codebook_used"):  # usage statistics of the official trainer
+        if k.endswith("quantize.codebook_used"):
             continue
         for pattern, repl in _TOKENIZER_RENAMES:
             k = re.sub(pattern, repl, k)
         if k.split(".")[-2] in ("to_code", "from_code", "x_embed", "out") and v.ndim == 4:
-            v = v.flatten(1)  # 1x1 conv (out, in, 1, 1) -> Linear (out, in): the same product
+            v = v.flatten(1)  # a 1x1 conv and a Linear compute the same product
         out[k] = v
-    # self-attention: q, k, v stacked in that order (rows) into one qkv Linear; cross-attention:
-    # k, v into kv (its q reads another input)
+    # q, k, v stacked in that order (rows) into qkv; cross-attention's k, v into kv (q reads x)
     for k in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
         base, p = k.rsplit(".q.", 1)
         out[f"{base}.qkv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.k.{p}"), out.pop(f"{base}.v.{p}")])
@@ -1243,81 +1214,65 @@ def convert_official_tokenizer(sd):
 
 
 def convert_official_gpt(sd):
-    """Official GPT state dict -> ours: renames, and w1 / w3 stacked into w13."""
+    """Official GPT state dict -> ours: renames, and w1 over w3 in one w13 (as SwiGLU splits it)."""
     renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
                ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
     out = {}
     for k, v in strip_prefixes(sd).items():
-        if k == "freqs_cis" or ".kv_cache." in k:  # buffers the official model rebuilds anyway
-            continue
-        for a, b in renames.items():
-            k = k.replace(a, b)
-        out[k] = v
-    # w1 over w3 in one matrix: SwiGLU.forward splits its output in this order
+        if k != "freqs_cis" and ".kv_cache." not in k:  # buffers the official model rebuilds anyway
+            for a, b in renames.items():
+                k = k.replace(a, b)
+            out[k] = v
     for k in [k for k in out if k.endswith(".ffn.w1.weight")]:
         out[k.replace(".w1.", ".w13.")] = torch.cat([out.pop(k), out.pop(k.replace(".w1.", ".w3."))])
     return out
 
 
 def gpt_config_from_weights(sd, block_size=256):
-    """Read the GPT size off converted weights (head_dim is 64 in every D-AR / LlamaGen preset)."""
+    """The GPT's size read off converted weights (head_dim is 64 in every D-AR / LlamaGen preset)."""
     vocab, dim = sd["tok_embed.weight"].shape
-    n_layer = sum(1 for k in sd if k.endswith(".attn.wqkv.weight"))
-    return GPTConfig(dim=dim, n_layer=n_layer, n_head=dim // 64, vocab_size=vocab, block_size=block_size,
-                     num_classes=sd["class_embed.weight"].shape[0] - 1,
+    return GPTConfig(dim=dim, n_layer=sum(k.endswith(".attn.wqkv.weight") for k in sd), n_head=dim // 64,
+                     vocab_size=vocab, block_size=block_size, num_classes=sd["class_embed.weight"].shape[0] - 1,
                      ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
 
 
 def config_from_dict(cls, d):
-    """A config saved with asdict; fields a later version dropped are ignored, new ones default."""
+    """A config saved with asdict (fields a later version dropped are ignored, new ones default)."""
     return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
-def _load(path, want, use_ema):
-    """(checkpoint, its weights: the EMA's when asked for and present, official?) of a `want` file."""
+def load_model(path, kind, use_ema=True, block_size=None):
+    """A Tokenizer or GPT (kind) from our checkpoint or an official one (known by a key only that model
+    has), EMA weights when asked and present; an official GPT's length is block_size or 256."""
     ckpt = load_checkpoint(path)
-    kind, official = checkpoint_kind(ckpt)
-    if kind != want:
-        raise CheckpointError(f"{path} is {f'a D-AR {kind}' if kind else 'not a D-AR'} checkpoint, expected a {want}")
-    return ckpt, (ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt.get("model", ckpt)), official
-
-
-def _fill(model, sd, path):
-    # strict, but one CheckpointError line instead of load_state_dict's long report
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    sd = ckpt.get("model", ckpt)  # the released GPTs are {"model": state dict}, some a bare state dict
+    keys = " ".join(sd) if isinstance(sd, dict) else ""
+    official = "gpt" if "tok_embeddings.weight" in keys else \
+        "tokenizer" if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict) else None
+    found = ckpt["kind"][4:] if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt") else official
+    if found != kind:
+        raise CheckpointError(f"{path} is {f'a D-AR {found}' if found else 'not a D-AR'} checkpoint, expected a {kind}")
+    sd = ckpt["ema"] if use_ema and ckpt.get("ema") else sd
+    if kind == "tokenizer":
+        cfg, sd = (tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)) if official else \
+            (config_from_dict(TokenizerConfig, ckpt["config"]), strip_prefixes(sd))
+        # the REPA projector is training-only: built only when the file has it (the released one does)
+        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
+        model = Tokenizer(cfg)
+    else:
+        sd = convert_official_gpt(sd) if official else strip_prefixes(sd)
+        model = GPT(gpt_config_from_weights(sd, block_size or 256) if official else
+                    config_from_dict(GPTConfig, ckpt["config"]))
+        model.tokenizer, model.classes = ckpt.get("tokenizer"), ckpt.get("classes")  # ours record them
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # keys or shapes that do not fit, in one line
+        raise CheckpointError(f"{path}: weights do not fit the model: {' '.join(str(e).split())[:400]}") from None
     return model.eval()
 
 
-def load_tokenizer(path, use_ema=True):
-    ckpt, sd, official = _load(path, "tokenizer", use_ema)
-    if official:
-        cfg, sd = tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)
-    else:
-        cfg, sd = config_from_dict(TokenizerConfig, ckpt["config"]), strip_prefixes(sd)
-    # the REPA projector is training-only: built only when the file has it (the released one does)
-    cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
-    return _fill(Tokenizer(cfg), sd, path)
-
-
-def load_gpt(path, use_ema=True, block_size=None):
-    ckpt, sd, official = _load(path, "gpt", use_ema)
-    if official:  # the sequence length is not stored: block_size (the tokenizer's N) or 256
-        sd = convert_official_gpt(sd)
-        cfg = gpt_config_from_weights(sd, block_size or 256)
-    else:
-        cfg, sd = config_from_dict(GPTConfig, ckpt["config"]), strip_prefixes(sd)
-    gpt = _fill(GPT(cfg), sd, path)
-    # what our trainer records (None in official files): its tokenizer (a path or a released name)
-    # and the class names
-    gpt.tokenizer, gpt.classes = ckpt.get("tokenizer"), ckpt.get("classes")
-    return gpt
-
-
-# The released checkpoints live in one Hugging Face hub repository. A known name is downloaded once
-# into the Hugging Face cache (HF_HOME; HF_ENDPOINT for a mirror; HF_HUB_OFFLINE=1 reads the cache
-# only) and then loaded like any other file; anything else is a path (DiT's find_model).
+# The released checkpoints: a known name is downloaded once into the Hugging Face cache (HF_HOME;
+# HF_ENDPOINT: a mirror; HF_HUB_OFFLINE=1: the cache only); anything else is a path (DiT's find_model)
 HUB_REPO = "showlab/D-AR"
 RELEASES = {"tokenizer_v1": ("D-AR-tokenizer_v1.pt", "tokenizer"),  # name: (file, kind)
             "D-AR-L": ("D-AR-L-360K.pt", "gpt"), "D-AR-XL": ("D-AR-XL-360K.pt", "gpt")}
@@ -1325,47 +1280,40 @@ PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's l
 
 
 def find_weights(source, kind):
-    """A checkpoint argument -> a local file: a released name of this kind is fetched, anything else
-    must be a file."""
-    names = [n for n, (_, k) in RELEASES.items() if k == kind]
+    """A released name of this kind -> its downloaded file; anything else must be a file."""
+    names = ", ".join(n for n, (_, k) in RELEASES.items() if k == kind)
     if source not in RELEASES:
         if not os.path.isfile(source):
-            raise CheckpointError(f"checkpoint not found: {source} (released {kind}s: {', '.join(names)})")
+            raise CheckpointError(f"checkpoint not found: {source} (released {kind}s: {names})")
         return os.fspath(source)
     file, released = RELEASES[source]
     if released != kind:
-        raise CheckpointError(f"{source} is a released {released}, not a {kind}: choose from {', '.join(names)}")
+        raise CheckpointError(f"{source} is a released {released}, not a {kind} ({names})")
     from huggingface_hub import hf_hub_download  # imported here: only names need it
     try:
         return hf_hub_download(HUB_REPO, file)
     except Exception as e:  # offline with an empty cache, a mirror without the file, a full disk...
         raise CheckpointError(f"cannot get {file} ({source}) from the hub or its cache ({type(e).__name__}): "
-                              f"download it from https://huggingface.co/{HUB_REPO} elsewhere and pass its path, "
-                              f"or set HF_ENDPOINT to a mirror") from None
+                              f"download it from https://huggingface.co/{HUB_REPO} and pass its path, or set "
+                              f"HF_ENDPOINT to a mirror") from None
 
 
 def check_pair(tok, gpt):
-    """A GPT belongs to a tokenizer when it predicts as many tokens of its codebook as it uses."""
     if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens):
         raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the "
-                              f"tokenizer uses {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
+                              f"tokenizer has {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
 
 # -----------------------------------------------------------------------------
-# section 14. Images and data sets
-
-# Images are PIL images until they enter a model: (3, H, W) float tensors in [-1, 1] from then on,
-# and (B, H, W, 3) uint8 arrays when they leave (PNG files, the ADM .npz layout).
+# section 14. Images and data sets: PIL images until they enter a model, (3, H, W) float tensors in
+# [-1, 1] inside, (B, H, W, 3) uint8 arrays when they leave (PNG files, the ADM .npz layout)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                         "bag", "boot"]
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
 def load_image(path):
-    """An RGB PIL image (grey and palette images become 3-channel), or ValueError naming the file.
-    16-bit grey images are scaled to 8 bits (PIL's convert would clip them at 255)."""
-    from PIL import Image
+    """An RGB PIL image, or ValueError naming the file; 16-bit grey scaled (PIL would clip it)."""
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I"):  # "I;16..." (16-bit) or "I" (32-bit int, how some 16-bit PNGs open)
@@ -1373,48 +1321,39 @@ def load_image(path):
                 top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
                 im = Image.fromarray((a * (255.0 / top)).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for a bad file: one line that names it
+    except Exception as e:  # PIL raises many types for a bad file
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def fit_shorter_side(img, size):
-    """Scale so that the shorter side is `size` (ADM: BOX halving, then bicubic). Images smaller
-    than that are padded with black instead of blown up (Fashion-MNIST 28 px -> 32 px)."""
-    from PIL import Image
+    """Shorter side to `size` (ADM: halving with a box filter, which keeps the bicubic step from
+    aliasing, then bicubic); a smaller image is padded with black, not blown up (Fashion-MNIST)."""
     if min(img.size) < size:
-        w, h = max(img.size[0], size), max(img.size[1], size)
-        canvas = Image.new("RGB", (w, h))
-        canvas.paste(img, ((w - img.size[0]) // 2, (h - img.size[1]) // 2))
+        canvas = Image.new("RGB", (max(img.size[0], size), max(img.size[1], size)))
+        canvas.paste(img, ((canvas.size[0] - img.size[0]) // 2, (canvas.size[1] - img.size[1]) // 2))
         return canvas
-    # halving with a box filter first keeps the bicubic step from aliasing on large reductions
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    return img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    return img.resize(tuple(round(s * size / min(img.size)) for s in img.size), resample=Image.BICUBIC)
 
 
-def center_crop(img, size):
-    """ADM's centre crop: shorter side to size, then the central size x size square."""
+def center_crop(img, size):  # ADM's: shorter side to size, then the central square
     img = fit_shorter_side(img, size)
     x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return img.crop((x, y, x + size, y + size))
 
 
 def to_tensor(img):
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounded as torchvision's save_image."""
-    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
-    return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_image(images, nrow=8):
-    """(B, 3, H, W) images in [-1, 1] -> one PIL grid, nrow images per row, 2 px gaps. Images under
-    64 px are enlarged (nearest neighbour) to be seen."""
-    from PIL import Image
+    """(B, 3, H, W) in [-1, 1] -> one PIL grid, nrow images a row, 2 px apart; images under 64 px are
+    enlarged (nearest neighbour) to be seen."""
     x = to_uint8(images)
     scale = max(1, 64 // x.shape[2])
     x = x.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -1432,18 +1371,14 @@ def save_grid(images, path, nrow=8):
 
 
 def list_images(folder):
-    """Every image file in folder and below, sorted (the order of an ImageFolder)."""
-    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True)
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image, label) pairs of an ImageFolder tree (root/<class>/<image>, classes sorted by name, as
-    ImageNet is usually laid out) or of in-memory arrays (Fashion-MNIST).
-
-    transform(PIL image, rng) -> tensor, rng being a random.Random seeded from (seed, epoch, index):
-    the same augmentation for a sample in a resumed run and with any number of loader workers. The
-    epoch comes with the index: item e * len + i is image i in epoch e (see GlobalBatchSampler)."""
+    """(image, label) pairs of files or in-memory arrays. transform(PIL image, rng) -> tensor gets a
+    random.Random seeded from (seed, epoch, index): the same augmentation in a resumed run and with
+    any number of loader workers. Item e * len + i is image i in epoch e (GlobalBatchSampler)."""
 
     def __init__(self, labels, classes, files=None, arrays=None, transform=None, seed=0):
         self.labels, self.classes, self.files, self.arrays = labels, classes, files, arrays
@@ -1453,35 +1388,24 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def image(self, i):
-        """The i-th image as an RGB PIL image, before any transform."""
-        from PIL import Image
         return Image.fromarray(self.arrays[i]).convert("RGB") if self.files is None else load_image(self.files[i])
 
     def __getitem__(self, k):
         epoch, i = divmod(k, len(self))
         img = self.image(i)
-        if self.transform is None:
-            return img, self.labels[i]
-        return self.transform(img, random.Random(hash((self.seed, epoch, i)))), self.labels[i]
-
-
-def read_idx(path):
-    """An IDX file (MNIST format), gzipped or not -> uint8 numpy array. The header is 2 zero bytes,
-    a type byte (0x08: uint8) and the number of dimensions, then each size as a big-endian int32."""
-    import gzip
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(shape)
+        return (img if self.transform is None else
+                self.transform(img, random.Random(hash((self.seed, epoch, i))))), self.labels[i]
 
 
 def build_dataset(data, transform=None, train=True, seed=0):
-    """--data: an ImageFolder directory (its split is the folder itself) or "fashion-mnist" (10
-    classes of 28x28 grey images, from Debian's dataset-fashion-mnist or torchvision's download)."""
+    """--data: an ImageFolder tree (root/<class>/<image>, classes sorted by name, as ImageNet is laid
+    out; its split is the folder) or fashion-mnist (Debian's dataset-fashion-mnist, else torchvision's
+    download): 10 classes of 28x28 grey images."""
     if data == "fashion-mnist":
         prefix = os.path.join(FASHION_MNIST_DIR, "train" if train else "t10k")
-        if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):
-            x, y = read_idx(f"{prefix}-images-idx3-ubyte.gz"), read_idx(f"{prefix}-labels-idx1-ubyte.gz")
+        if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):  # IDX files: a 16 (8) byte header, then uint8
+            read = lambda name, header: np.frombuffer(gzip.open(f"{prefix}-{name}-ubyte.gz").read(), np.uint8, offset=header)
+            x, y = read("images-idx3", 16).reshape(-1, 28, 28), read("labels-idx1", 8)
         else:
             import torchvision
             ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
@@ -1497,60 +1421,55 @@ def build_dataset(data, transform=None, train=True, seed=0):
                         files=[f for c in classes for f in files[c]], transform=transform, seed=seed)
 
 # -----------------------------------------------------------------------------
-# section 15. Training: processes, threads, the data order and seeds that make resume exact, EMA
+# section 15. Training: processes, threads, the data order and seeds of an exact resume, EMA
 
-def default_device():
-    """The best device here, as nanoGPT picks it: cuda, then mps (Apple silicon, untested), then cpu."""
+def default_device():  # as nanoGPT picks it; mps (Apple silicon) is untested
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def setup(device):
-    """(rank, world size, torch.device). Under torchrun (RANK set) a process group: NCCL on GPUs, one
-    per process (LOCAL_RANK), gloo on CPUs; with plain python one process. DDP is cuda / cpu only."""
+    """(rank, world size, torch.device). Under torchrun (RANK set) a process group, NCCL on GPUs (one
+    per process: LOCAL_RANK) and gloo on CPUs; with plain python one process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    local = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
+    local = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(local)
 
 
 def set_threads(threads=None, workers=0):
     """Compute threads: --threads, else this process's share of the cores it may use (torchrun starts
-    LOCAL_WORLD_SIZE of them) less its data-loader workers, which take one thread each (worker_init)."""
+    LOCAL_WORLD_SIZE processes) less its data-loader workers, one thread each (worker_init)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers))
 
 
-def worker_init(_):
-    """A data-loader worker: one thread, and Ctrl-C left to the main process (which saves and stops)."""
-    import signal
+def worker_init(_):  # a data-loader worker: one thread; Ctrl-C is the main process's
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """The micro-batches of one process, step after step from `start`, without end.
-
-    Epoch e is a permutation seeded with seed + e, cut into global batches (the last partial one is
-    dropped); process r takes the r-th contiguous slice of each and cuts it into micro-batches. So
-    sample j of a global batch lands in the same micro-batch slot whatever the number of processes
-    (1 process x 2 micro-batches = 2 processes x 1), and a resumed run starts where it stopped.
-    Indices come as e * n + i, which the dataset reads as image i in epoch e."""
+    """One process's micro-batches (`accum` of them a step), step after step from `start`, without
+    end. Epoch e is a permutation seeded with seed + e cut into global batches (the last partial one
+    dropped); process r takes the r-th slice of each and cuts it into micro-batches. So sample j of a
+    global batch lands in the same slot whatever the number of processes (1 process x 2 micro-batches
+    = 2 processes x 1), and a resumed run goes on where it stopped. e * n + i is image i in epoch e."""
 
     def __init__(self, n, global_batch, micro_batch, rank, world, seed, start=0):
-        if n < global_batch:
-            raise ValueError(f"--global-batch {global_batch} is larger than the data set ({n} images)")
-        self.n, self.global_batch, self.micro, self.seed, self.start = n, global_batch, micro_batch, seed, start
-        self.per_rank = global_batch // world
+        self.micro = micro_batch or global_batch // world
+        if global_batch % (world * self.micro) or n < global_batch:
+            raise ValueError(f"--global-batch {global_batch} must be processes ({world}) x --micro-batch "
+                             f"({self.micro}) x a whole number, and at most the {n} images of --data")
+        self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
+        self.per_rank, self.accum = global_batch // world, global_batch // (world * self.micro)
         self.offset = rank * self.per_rank
 
     def __iter__(self):
-        steps_per_epoch = self.n // self.global_batch
         for step in itertools.count(self.start):
-            epoch, s = divmod(step, steps_per_epoch)
+            epoch, s = divmod(step, self.n // self.global_batch)
             if step == self.start or s == 0:
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             mine = perm[s * self.global_batch + self.offset:][:self.per_rank]
@@ -1559,42 +1478,29 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 def step_seed(seed, step, micro):
-    """The seed of one micro-batch of one step. Everything random in a step (t, noise, dropout, class
+    """The seed of one micro-batch of one step: everything random in a step (t, noise, dropout, class
     dropout) is drawn after reseeding with it, so a resumed run draws what the uninterrupted one did,
-    and a run draws the same on 1 or N processes."""
+    on 1 or N processes."""
     return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
 
 
-def micro_batches(global_batch, micro_batch, world):
-    """(micro-batch, accumulation steps) per process: global batch = world x micro x accumulation."""
-    micro = micro_batch or global_batch // world
-    if micro < 1 or global_batch % (world * micro):
-        raise ValueError(f"--global-batch {global_batch} must be a multiple of processes ({world}) x "
-                         f"--micro-batch ({micro})")
-    return micro, global_batch // (world * micro)
-
-
 def make_optimizer(model, lr, weight_decay, beta2, fused=False):
-    """AdamW (betas 0.9, beta2); weight decay on matrices and embeddings (dim >= 2), none on norms,
-    biases and gates, whose scale should not be pulled towards zero."""
+    """AdamW, decaying matrices and embeddings only (not norms, biases, gates: their scale matters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, beta2), fused=fused)
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+def update_ema(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; buffers copied
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
 
-def logger(out, master):
-    """log(line): printed above the progress bar and appended to out/log.txt, by process 0 only."""
-    from tqdm import tqdm
+def logger(out, master):  # log(line): above the progress bar and into out/log.txt, by process 0
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
@@ -1607,10 +1513,9 @@ def logger(out, master):
 
 
 def resume_checkpoint(args, log, master):
-    """The checkpoint a run goes on from: its own out/ckpt.pt, unless --no-resume; None for a new
-    run. The model and data are the checkpoint's, so another --preset or --data refuses; other flags
-    that changed are listed and take effect. metrics.jsonl loses the lines of steps after the
-    checkpoint, which the resumed run trains and logs again."""
+    """The checkpoint a run goes on from: its own out/ckpt.pt unless --no-resume, else None. Its model
+    and data are the run's, so another --preset or --data refuses; other flags that changed are said,
+    and apply. metrics.jsonl loses the lines of steps after it, which the run trains again."""
     path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     if args.no_resume or not os.path.exists(path):
         return None
@@ -1631,26 +1536,23 @@ def resume_checkpoint(args, log, master):
 
 
 def catch_stop(on=True):
-    """Ctrl-C and SIGTERM stop a run after the step in progress, with a checkpoint: their name goes
-    into the returned list, which the training loop reads. on=False gives the signals back."""
-    import signal
+    """Ctrl-C / SIGTERM put their name into the returned list, which the training loop reads (it saves
+    and stops); on=False gives the signals back."""
     caught = []
     for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         signal.signal(sig, (lambda signum, frame: caught.append(signal.Signals(signum).name)) if on else default)
     return caught
 
 
-# Command-line values: argparse types that refuse what makes no sense with one line that names the
-# flag, the value and the allowed range, before any work starts.
+# Command-line values that make no sense stop at parse time, in one line naming the flag and the range
 
 def _number(cast, lo, hi=None, lo_open=False, hi_open=False, what=""):
     def parse(text):
         try:
             v = cast(text)
         except ValueError:
-            v = None
-        if v is None or not math.isfinite(v) or (v <= lo if lo_open else v < lo) or \
-                (hi is not None and (v >= hi if hi_open else v > hi)):
+            v = math.nan
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return v
     return parse
@@ -1665,7 +1567,7 @@ decay = _number(float, 0, 1, hi_open=True, what="a number in [0, 1)")
 
 
 def parse_guidance(text):
-    """--cfg: '1.1,8.0' -> (1.1, 8.0), the start and end of a linear schedule; '4' -> 4.0."""
+    """--cfg: '1.1,8.0' -> (1.1, 8.0), the ends of a linear schedule over the tokens; '4' -> 4.0."""
     try:
         vals = [float(v) for v in str(text).split(",")]
     except ValueError:
@@ -1676,25 +1578,24 @@ def parse_guidance(text):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """argparse's own: every flag's default, and the script's docstring as written."""
+    pass  # argparse's own two: every flag's default, and the docstring as written
 
 # -----------------------------------------------------------------------------
-# section 16. Sampling: one function for sample.py and eval_fid.py, so that the images of
-# `sample.py --out` and of `eval_fid.py --gpt` are the same images
+# section 16. Sampling: one function for sample.py and eval_fid.py, so that `sample.py --out` and
+# `eval_fid.py --gpt` draw the same images
 
-def add_sampling_arguments(p):
-    """The flags that decide what is drawn, shared by sample.py and eval_fid.py --gpt."""
+def add_sampling_arguments(p):  # the flags that decide what is drawn
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--cfg", type=parse_guidance, help="classifier-free guidance: 'start,end' of a linear schedule "
-                   "over the tokens, or one number; default: the paper's for a released GPT (D-AR-L 1.1,8.0, "
-                   "XL 1.1,10.0), else 1 (none)")
+                   "over the tokens, or one number; None: the paper's for a released GPT (D-AR-L 1.1,8.0, XL "
+                   "1.1,10.0), else 1 (none)")
     p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0 = all")
-    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1 = off")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="decoder ODE solver")
-    p.add_argument("--steps", type=positive_int, help="decoder steps; default: the tokenizer's")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0: all")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1: off")
+    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="the decoder's ODE solver")
+    p.add_argument("--steps", type=positive_int, help="decoder steps; None: the tokenizer's")
     p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step, not the "
-                   "image (with one step per group: the image from the first k groups)")
+                   "image (with one step per group: the image of the first k groups)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 Llama weights and decoder "
                    "autocast; None: on with --device cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the pixel DiT and the "
@@ -1702,24 +1603,23 @@ def add_sampling_arguments(p):
 
 
 def load_models(gpt, tokenizer=None, device="cpu"):
-    """(tokenizer, GPT, the tokenizer's name) to sample with. The tokenizer is `tokenizer`, else the
-    one a released GPT was trained with (tokenizer_v1), else the one our trainer recorded."""
+    """(tokenizer, GPT, the tokenizer's name) to sample with: `tokenizer`, else the one a released GPT
+    was trained with (tokenizer_v1), else the one our trainer recorded."""
     gpt_path = find_weights(gpt, "gpt")
     if not tokenizer:
         tokenizer = "tokenizer_v1" if gpt in RELEASES else load_checkpoint(gpt_path).get("tokenizer")
         if not tokenizer:
             raise CheckpointError(f"--gpt {gpt} does not say which tokenizer it was trained with: pass --tokenizer")
-    tok = load_tokenizer(find_weights(tokenizer, "tokenizer")).to(device)
-    model = load_gpt(gpt_path, block_size=tok.cfg.num_tokens).to(device)
+    tok = load_model(find_weights(tokenizer, "tokenizer"), "tokenizer").to(device)
+    model = load_model(gpt_path, "gpt", block_size=tok.cfg.num_tokens).to(device)
     check_pair(tok, model)
     return tok, model, tokenizer
 
 
 def prepare_sampling(tok, gpt, bf16, compile):
     """(GPT, velocity network, one-token step) to sample with. bf16 halves what the Llama reads at
-    every token step; compile wraps (never replaces) the pixel DiT and the one-token step in
-    torch.compile: on a GPU the step becomes a CUDA graph (gpt-fast: static KV cache,
-    reduce-overhead), on a CPU fused C++ kernels around the matrix products."""
+    each token; compile wraps (never replaces) the DiT and the step in torch.compile: on a GPU the
+    step becomes a CUDA graph (gpt-fast: static KV cache, reduce-overhead), on a CPU fused kernels."""
     gpt = gpt.to(torch.bfloat16) if bf16 else gpt
     if not compile:
         return gpt, tok.dit, decode_one_token
@@ -1730,8 +1630,8 @@ def prepare_sampling(tok, gpt, bf16, compile):
 @torch.no_grad()
 def sample(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, sampler="adams2",
            steps=None, prefix=None, bf16=False, dit=None, decode_fn=decode_one_token):
-    """Streaming D-AR (generate_images) from `seed`: the previews (B, 3, H, W) in [-1, 1], float32,
-    after each decoder step; the last is the image."""
+    """Streaming D-AR (generate_images) from `seed` -> the previews (B, 3, H, W), float32, after each
+    decoder step; the last is the image."""
     torch.manual_seed(seed)
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
         return [state.preview.float() for _, state in generate_images(
@@ -1739,14 +1639,11 @@ def sample(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, top_k=0, top_p
             top_p=top_p, prefix=prefix, decode_fn=decode_fn)]
 
 
-def batch_seed(seed, first):
-    """The seed of the batch of samples first, first + 1, ...: it never depends on the batches before
-    it, so a batch can be redone alone, on any process (bulk sampling)."""
+def batch_seed(seed, first):  # the batch of samples first.. draws alone: any batch can be redone anywhere
     return seed * 1_000_003 + first
 
 
-def output_step(preview_step, steps):
-    """The decoder step whose preview is the output: the last, or --preview-step k (1..steps)."""
+def output_step(preview_step, steps):  # the step whose preview is the output: the last, or --preview-step
     if preview_step is not None and not 1 <= preview_step <= steps:
         raise ValueError(f"--preview-step {preview_step}: the decoder takes {steps} steps, so 1..{steps}")
     return preview_step or steps

@@ -214,7 +214,6 @@ def main(argv=None):
     rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
     master, cuda = rank == 0, device.type == "cuda"
     dar.set_threads(args.threads, args.workers)
-    micro, accum = dar.micro_batches(args.global_batch, args.micro_batch, world)
     log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
     # ---- the frozen tokenizer and the images
@@ -255,9 +254,10 @@ def main(argv=None):
         dataset = images
     else:
         dataset = CodeDataset(extract_codes(args, tok, images, rank, world, device), images.labels, args.seed)
-    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, micro, rank, world, args.seed, step)
+    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world, args.seed, step)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                                pin_memory=cuda, worker_init_fn=dar.worker_init))
+    micro, accum = sampler.micro, sampler.accum      # global batch = processes x micro x accum
 
     net = torch.compile(model) if args.compile else model
     if world > 1:

@@ -195,7 +195,6 @@ def main(argv=None):
     rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
     master, cuda = rank == 0, device.type == "cuda"
     dar.set_threads(args.threads, args.workers)
-    micro, accum = dar.micro_batches(args.global_batch, args.micro_batch, world)
     log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
     # ---- start: the run's own checkpoint (resume), else --init-from weights, else the preset
@@ -228,9 +227,10 @@ def main(argv=None):
     size = model.cfg.image_size
     transform = functools.partial(augment if args.augment else centre, size=size)
     dataset = dar.build_dataset(args.data, transform, seed=args.seed)
-    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, micro, rank, world, args.seed, step)
+    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world, args.seed, step)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                                pin_memory=cuda, worker_init_fn=dar.worker_init))
+    micro, accum = sampler.micro, sampler.accum      # global batch = processes x micro x accum
     first = {}                                       # the first image of each class, shown at each sample step
     for i, label in enumerate(dataset.labels):
         first.setdefault(label, i)
