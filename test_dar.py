@@ -630,7 +630,7 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
     codes, mtime = np.load(codes_dir / npy), os.path.getmtime(codes_dir / npy)
     assert codes.shape == (16, 10, 16) and codes.dtype == np.int16
     tok = dar.Tokenizer.from_pretrained(str(tiny_tokenizer_ckpt))
-    views = torch.stack([dar.to_tensor(v) for v in train_ar.views(dar.build_dataset(str(image_folder)).image(3), 32, True)])
+    views = train_ar.views(dar.build_dataset(str(image_folder)).image(3), None, 32, True)
     assert torch.equal(tok.encode(views), torch.from_numpy(codes[3].astype(np.int64)))
     train_ar.main(argv + ["--max-steps", "1", "--out", str(tmp_path / "ar2")])
     assert os.path.getmtime(codes_dir / npy) == mtime

@@ -5,17 +5,11 @@ Train the D-AR autoregressive model (stage 2): an unmodified Llama over the toke
     torchrun --nproc_per_node=8 train_ar.py --preset GPT-L --tokenizer tokenizer_v1 --data /data/imagenet/train
     python train_ar.py --init-from D-AR-L --data my_folder --lr 1e-4   # fine-tune the released D-AR-L
 
-The loss is eq. 6's cross-entropy of the N tokens given the class, the class dropped to the null
-class with p = 0.1 for classifier-free guidance (dar.ar_loss). The GPT-B/L/XL/XXL defaults are the
-paper's (LlamaGen's recipe): AdamW 4e-4, betas (0.9, 0.95), weight decay 0.05 on matrices and
-embeddings, batch 1024, 300 epochs of ImageNet with the learning rate decaying linearly to 1e-5
-over the last 50, clip 1.0, bf16 on GPUs; centre crop at 1.1x, then one of ten crops.
-
-The tokenizer (ours or official) is frozen, so the codes of all ten crops of every image are
-extracted once (in parallel over the processes) into an int16 array under --codes-dir, reused by
-later runs; a step reads one view per image. --online-encode encodes at every step instead (the
-official way: slower, no disk). The run directory is as train_tokenizer.py's; the checkpoint also
-records the tokenizer (sample.py uses it) and the class names.
+The loss is eq. 6 (dar.ar_loss), with the paper's settings (LlamaGen's recipe) for GPT-B/L/XL/XXL.
+The tokenizer is frozen, so the codes of the ten crops of every image are extracted once into an
+int16 array under --codes-dir (--online-encode: at every step, the official way). The run directory
+is as train_tokenizer.py's; the checkpoint also records the tokenizer (sample.py uses it) and the
+class names.
 """
 
 import argparse
@@ -25,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -37,9 +30,9 @@ from tqdm import tqdm
 
 import dar
 
-# Run settings per preset (the flags' defaults): 300 epochs of ImageNet (1,281,167 images) at batch
-# 1024 are 375,300 steps, the last 50 epochs 62,550; GPT-small is what 2 CPU cores afford in about
-# 12 minutes (its samples stop improving after ~400 steps: README); GPT-tiny is for the tests.
+# Run settings per preset (the flags' defaults). The paper's: AdamW 4e-4, weight decay 0.05, batch 1024,
+# 300 epochs of ImageNet (1,281,167 images: 375,300 steps), decaying to 1e-5 over the last 50 (62,550
+# steps), ten crops; GPT-small is what 2 CPU cores afford in minutes; GPT-tiny is for the tests.
 RUN_DEFAULTS = {
     **{p: dict(data=None, global_batch=1024, max_steps=375_300, decay_steps=62_550, lr=4e-4, ema_decay=0.0,
                cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
@@ -55,16 +48,14 @@ def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="GPT-small", choices=sorted(dar.GPT_PRESETS),
                    help="model size; its run settings are the defaults below (--preset P --help shows P's)")
-    p.add_argument("--tokenizer", help="the frozen tokenizer: a released name (tokenizer_v1) or a checkpoint; "
-                   "None: tokenizer_v1 with --init-from a released GPT, else required")
+    p.add_argument("--tokenizer", help="the frozen tokenizer: tokenizer_v1 or a checkpoint; None: a released "
+                   "GPT's (with --init-from), else required")
     p.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
     p.add_argument("--out", help="run directory; None: runs/<preset>, or runs/<preset>-from-<name>")
-    p.add_argument("--init-from", help="start from these weights (fine-tuning): a released name (D-AR-L, "
-                   "D-AR-XL) or a checkpoint, ours or official; the model's size is theirs")
+    p.add_argument("--init-from", help="fine-tune these weights (their size): D-AR-L, D-AR-XL or a checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
     p.add_argument("--global-batch", type=dar.positive_int, help="sequences per optimizer step, all processes")
-    p.add_argument("--micro-batch", type=dar.positive_int, help="sequences per forward and process; less than "
-                   "global batch / processes accumulates gradients; None: no accumulation")
+    p.add_argument("--micro-batch", type=dar.positive_int, help="per forward and process (accumulation); None: all")
     p.add_argument("--max-steps", type=dar.positive_int, help="optimizer steps")
     p.add_argument("--lr", type=dar.positive_float, help="AdamW learning rate")
     p.add_argument("--decay-steps", type=dar.nonneg_int, help="the last steps, over which lr decays linearly to 1e-5")
@@ -74,19 +65,16 @@ def build_parser(add_help=True):
     p.add_argument("--ema-decay", type=dar.decay, help="EMA of the weights (what is sampled); 0: none")
     p.add_argument("--class-dropout", type=dar.fraction, default=0.1, help="p of the null class (for guidance)")
     p.add_argument("--reverse-tokens", action="store_true", help="learn the tokens fine to coarse (the paper's "
-                   "ablation of the order); recorded, and sampling flips them back")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="ten crops at 1.1x (the paper's); "
-                   "--no-augment: centre crops")
-    p.add_argument("--online-encode", action="store_true", help="encode the images at every step instead of "
-                   "extracting their codes once")
+                   "ablation of the order); sampling flips them back")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="ten crops at 1.1x, else centre crops")
+    p.add_argument("--online-encode", action="store_true", help="encode at every step, not once")
     p.add_argument("--codes-dir", help="where extracted codes are kept; None: codes/ beside the run directory")
     p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number")
     p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
     p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: "
-                   "less memory, ~30%% slower")
+    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
     p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores less the workers")
     p.add_argument("--workers", type=dar.nonneg_int, default=0, help="data-loader processes per process")
     p.add_argument("--log-every", type=dar.positive_int, help="steps between log lines (and metrics.jsonl)")
@@ -103,43 +91,33 @@ def parse_args(argv=None):
     # a fine-tune of a release is named after it: runs/GPT-small-from-D-AR-L
     from_release = args.init_from in dar.RELEASES
     args.out = args.out or os.path.join("runs", args.preset + (f"-from-{args.init_from}" * from_release))
-    args.tokenizer = args.tokenizer or ("tokenizer_v1" if from_release else None)
+    args.tokenizer = args.tokenizer or ("tokenizer_v1" if from_release else p.error("--tokenizer is required"))
     args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "codes")
     args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
     args.compile = args.device == "cuda" if args.compile is None else args.compile
-    if not args.tokenizer:
-        p.error("--tokenizer is required (a checkpoint or tokenizer_v1)")
     return args
 
 
 # -----------------------------------------------------------------------------
 # Codes: the views of every image, encoded once
 
-def views(img, size, augment):
-    """The crops one step may see of a PIL image: centre crop at 1.1x, then the four corners, the
-    centre, and the same mirrored (the paper's ten crops); or the centre crop alone."""
-    if not augment:
-        return [dar.center_crop(img, size)]
-    big = dar.center_crop(img, int(size * 1.1))
-    W, H = big.size
-    corners = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size), ((W - size) // 2, (H - size) // 2)]
-    crops = [big.crop((x, y, x + size, y + size)) for x, y in corners]
-    return crops + [c.transpose(0) for c in crops]                  # 0: FLIP_LEFT_RIGHT
-
-
-def all_views(img, rng, size, augment):  # the data set's transform for the extraction: (V, 3, S, S)
-    return torch.stack([dar.to_tensor(v) for v in views(img, size, augment)])
-
-
-def one_view(img, rng, size, augment):   # --online-encode: one of them, chosen from (seed, epoch, index)
-    return dar.to_tensor(rng.choice(views(img, size, augment)))
+def views(img, rng, size, augment, one=False):
+    """The crops a step may see, (V, 3, S, S): of a centre crop at 1.1x, the corners, the centre and the
+    same mirrored (the paper's ten crops), or just the centre crop; one: one of them, drawn with rng."""
+    crops = [dar.center_crop(img, size)]
+    if augment:
+        big = dar.center_crop(img, int(size * 1.1))
+        W, H = big.size
+        corners = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size), ((W - size) // 2, (H - size) // 2)]
+        crops = [big.crop((x, y, x + size, y + size)) for x, y in corners]
+        crops += [c.transpose(0) for c in crops]                    # 0: FLIP_LEFT_RIGHT
+    return dar.to_tensor(rng.choice(crops)) if one else torch.stack([dar.to_tensor(c) for c in crops])
 
 
 @torch.no_grad()
 def extract_codes(args, tok, images, rank, world, device):
-    """The codes of all views of all images -> (M, V, N) int16 .npy, memory-mapped. Its name holds the
-    tokenizer file, the data, the size and the views, so a later run on the same finds it; each
-    process encodes images rank, rank + world, ... and a .done file marks it complete."""
+    """The codes of all views of all images -> (M, V, N) int16 .npy, memory-mapped, named after the
+    tokenizer file, the data and the views (later runs reuse it); process r encodes images r, r + world..."""
     V, N, size = 10 if args.augment else 1, tok.cfg.num_tokens, tok.cfg.image_size
     tok_file = dar.find_weights(args.tokenizer, "tokenizer")
     data = os.path.abspath(args.data) if os.path.exists(args.data) else args.data
@@ -152,7 +130,7 @@ def extract_codes(args, tok, images, rank, world, device):
         if world > 1:
             torch.distributed.barrier()
         out = np.load(path, mmap_mode="r+")
-        images.transform = functools.partial(all_views, size=size, augment=args.augment)
+        images.transform = functools.partial(views, size=size, augment=args.augment)
         mine = torch.utils.data.Subset(images, range(rank, len(images), world))
         loader = torch.utils.data.DataLoader(mine, batch_size=max(1, 64 // V), num_workers=args.workers,
                                              worker_init_fn=dar.worker_init)
@@ -167,25 +145,20 @@ def extract_codes(args, tok, images, rank, world, device):
     return np.load(path, mmap_mode="r")
 
 
-class CodeDataset(torch.utils.data.Dataset):
-    """(codes (N,), label) of image i: one of its stored views, chosen from (seed, epoch, i)."""
+class CodeDataset(dar.ImageDataset):
+    """(codes (N,), label) of image i: one of its stored views (V, N), drawn from (seed, epoch, i)."""
 
-    def __init__(self, codes, labels, seed):
-        self.codes, self.labels, self.seed = codes, labels, seed
+    def image(self, i):
+        return self.arrays[i]
 
-    def __len__(self):
-        return len(self.labels)
 
-    def __getitem__(self, k):
-        epoch, i = divmod(k, len(self))  # see dar.GlobalBatchSampler
-        v = random.Random(hash((self.seed, epoch, i))).randrange(self.codes.shape[1])
-        return torch.from_numpy(self.codes[i, v].astype(np.int64)), self.labels[i]
+def one_code_view(codes, rng):
+    return torch.from_numpy(codes[rng.randrange(len(codes))].astype(np.int64))
 
 
 def finetune_start(args, tok, num_classes, log):
-    """The GPT of --init-from (EMA weights when it has them) for num_classes classes. Another number
-    of classes resizes the class table: the classes both have keep their rows, new rows are drawn as
-    initialize_weights draws them (N(0, 0.02)), and the null class row stays the last one."""
+    """The GPT of --init-from (EMA weights when it has them) for num_classes classes: the classes both
+    class tables have keep their rows, new rows are drawn as at init, the null class row stays last."""
     gpt = dar.GPT.from_pretrained(args.init_from, block_size=tok.cfg.num_tokens).train()
     dar.check_pair(tok, gpt)
     old, dim = gpt.cfg.num_classes, gpt.cfg.dim
@@ -195,18 +168,8 @@ def finetune_start(args, tok, num_classes, log):
         keep = min(old, num_classes)
         table[:keep], table[-1] = gpt.class_embed.weight.detach()[:keep], gpt.class_embed.weight.detach()[-1]
         gpt.class_embed, gpt.cfg.num_classes = nn.Embedding.from_pretrained(table, freeze=False), num_classes
-        log(f"class table resized from {old} to {num_classes} classes: classes 0..{keep - 1} keep their rows, "
-            f"the null class row moves from {old} to {num_classes}")
+        log(f"class table resized from {old} to {num_classes} classes (rows 0..{keep - 1} kept, the null class last)")
     return gpt
-
-
-@torch.no_grad()
-def save_samples(gpt, tok, path, guidance, seed):
-    """A grid of 4 samples for each of the first 10 classes, one row per class, from a fixed seed."""
-    gpt.eval()
-    labels = torch.arange(min(10, gpt.cfg.num_classes), device=gpt.output.weight.device).repeat_interleave(4)
-    dar.save_grid(dar.sample(tok, gpt, labels, seed, guidance)[-1], path, nrow=4)
-    gpt.train()
 
 
 def main(argv=None):
@@ -216,8 +179,7 @@ def main(argv=None):
     dar.set_threads(args.threads, args.workers)
     log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
-    # ---- the frozen tokenizer and the images
-    tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device).requires_grad_(False)
+    tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device).requires_grad_(False)  # frozen
     tokenizer = args.tokenizer if args.tokenizer in dar.RELEASES else os.path.abspath(args.tokenizer)
     log(f"tokenizer: {tokenizer} (frozen)")
     images = dar.build_dataset(args.data, seed=args.seed)
@@ -233,27 +195,23 @@ def main(argv=None):
         model = dar.GPT(dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
                                        num_classes=len(images.classes)))
     model.cfg.class_dropout, model.cfg.reverse_tokens = args.class_dropout, args.reverse_tokens  # saved with it
-    if (model.cfg.num_classes, model.cfg.vocab_size) != (len(images.classes), tok.cfg.codebook_size):
-        raise ValueError(f"the GPT has {model.cfg.num_classes} classes and {model.cfg.vocab_size} codes; --data has "
-                         f"{len(images.classes)} classes and --tokenizer {tok.cfg.codebook_size} codes")
     model.to(device).grad_checkpointing = args.grad_checkpointing
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, fused=cuda)
-    step = 0
-    if ckpt:  # weights, EMA, optimizer moments and step: training goes on as if never stopped
+    if ckpt:  # weights, optimizer moments, EMA and step: training goes on as if never stopped
         model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    if ckpt and ckpt["ema"] and ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    step = ckpt["step"] if ckpt else 0
 
-    # ---- data: stored codes of one view per image, or images encoded on the fly; an endless stream
-    # of micro-batches from this step on, the same for a resumed run and for any number of processes
+    # ---- data: an endless stream of micro-batches from this step on (the same on resume and on N processes)
     if args.online_encode:
-        images.transform = functools.partial(one_view, size=tok.cfg.image_size, augment=args.augment)
+        images.transform = functools.partial(views, size=tok.cfg.image_size, augment=args.augment, one=True)
         dataset = images
     else:
-        dataset = CodeDataset(extract_codes(args, tok, images, rank, world, device), images.labels, args.seed)
+        codes = extract_codes(args, tok, images, rank, world, device)
+        dataset = CodeDataset(images.labels, images.classes, arrays=codes, transform=one_code_view, seed=args.seed)
     sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world, args.seed, step)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                                pin_memory=cuda, worker_init_fn=dar.worker_init))
@@ -263,17 +221,16 @@ def main(argv=None):
     if world > 1:
         net = DDP(net, device_ids=[device.index] if cuda else None)
     c = model.cfg
-    log(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {c.n_layer} layers, dim "
-        f"{c.dim}, {c.block_size} tokens of {c.vocab_size}, {c.num_classes} classes | {len(dataset)} images | "
-        f"{world} process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
-        f"{args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
+    log(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {c.n_layer} layers, dim {c.dim}, "
+        f"{c.num_classes} classes | {len(dataset)} images | {world} process(es) x micro-batch {micro} x {accum} "
+        f"accumulation = {args.global_batch} | {args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
 
     # ---- the loop
     stop = dar.catch_stop()                          # Ctrl-C / SIGTERM: save, then stop
-    loss_sum, since, t0 = 0.0, 0, time.time()        # summed on the device since the last log
+    loss_sum, since, t0, stopping = 0.0, 0, time.time(), False  # loss summed on the device since the last log
     decay_start = args.max_steps - args.decay_steps
     pbar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    while step < args.max_steps:
+    while step < args.max_steps and not stopping:
         # the paper's schedule: constant, then linear to 1e-5 over the last decay_steps
         p = max(0.0, (step - decay_start) / max(args.decay_steps, 1))
         lr = args.lr * (1 - p) + 1e-5 * p
@@ -323,14 +280,15 @@ def main(argv=None):
                                                          classes=images.classes), os.path.join(args.out, "ckpt.pt"))
             if world > 1:
                 torch.distributed.barrier()
-        if master and (step % args.sample_every == 0 or step == args.max_steps):
-            save_samples(ema or model, tok, f"{args.out}/samples/ar_{step:07d}.png", args.cfg, args.seed)
-        if stopping:
-            dar.catch_stop(False)
-            sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in "
-                     f"{args.out}/ckpt.pt: the same command resumes" if master else 1)
-    pbar.close()
+        if master and (step % args.sample_every == 0 or step == args.max_steps):  # 4 samples of each of 10 classes
+            labels = torch.arange(min(10, c.num_classes), device=device).repeat_interleave(4)
+            images = dar.sample(tok, (ema or model).eval(), labels, args.seed, args.cfg)[-1]  # the EMA: what is sampled
+            dar.save_grid(images, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)
+            model.train()
     dar.catch_stop(False)
+    if stopping:  # one line, and a non-zero exit status: the run did not finish
+        sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in {args.out}/ckpt.pt: "
+                 f"the same command resumes" if master else 1)
     log(f"done: {args.out}/ckpt.pt")
     if world > 1:
         torch.distributed.destroy_process_group()

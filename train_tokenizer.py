@@ -7,15 +7,10 @@ Train the D-AR sequential diffusion tokenizer (stage 1).
         --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train
     python train_tokenizer.py --init-from tokenizer_v1 --data my_folder --lr 1e-5   # fine-tune the released one
 
-The loss is eq. 7 (dar.tokenizer_loss): flow matching + VQ + commitment + 0.5 LPIPS + 0.5 REPA.
-tokenizer_v1's defaults are the official run's: AdamW 2e-4, betas (0.9, 0.95), no weight decay,
-500 warm-up steps then constant, clip 1.0, EMA 0.999, bf16 on GPUs, global batch 512, 210K steps,
-random crop + flip.
-
-The run directory (--out, default runs/<preset>) gets ckpt.pt (model, EMA, optimizer, step,
-config, flags; every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM), log.txt,
-metrics.jsonl and samples/. The same command again resumes from ckpt.pt exactly: same step, data
-order and random draws (dar.GlobalBatchSampler, dar.step_seed).
+The loss is eq. 7 (dar.tokenizer_loss): flow matching + VQ + commitment + 0.5 LPIPS + 0.5 REPA, with
+the official run's settings for tokenizer_v1. The run directory (--out) gets ckpt.pt (every
+--ckpt-every steps, at the end and on Ctrl-C / SIGTERM), log.txt, metrics.jsonl and samples/; the
+same command again resumes from ckpt.pt exactly (the same data order and random draws).
 """
 
 import argparse
@@ -55,14 +50,12 @@ def build_parser(add_help=True):
                    help="model size; its run settings are the defaults below (--preset P --help shows P's)")
     p.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
     p.add_argument("--out", help="run directory; None: runs/<preset>")
-    p.add_argument("--init-from", help="start from these weights (fine-tuning): a released name (tokenizer_v1) "
-                   "or a checkpoint, ours or official; the model's size is theirs")
+    p.add_argument("--init-from", help="fine-tune these weights (their size): tokenizer_v1 or a checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/ckpt.pt exists")
     p.add_argument("--image-size", type=dar.positive_int, help="training resolution; None: the preset's")
     p.add_argument("--time-shift", type=dar.positive_float, help="beta of eqs. 5 and 8; None: the preset's")
     p.add_argument("--global-batch", type=dar.positive_int, help="images per optimizer step, all processes")
-    p.add_argument("--micro-batch", type=dar.positive_int, help="images per forward and process; less than global "
-                   "batch / processes accumulates gradients; None: no accumulation")
+    p.add_argument("--micro-batch", type=dar.positive_int, help="per forward and process (accumulation); None: all")
     p.add_argument("--max-steps", type=dar.positive_int, help="optimizer steps")
     p.add_argument("--lr", type=dar.positive_float, help="AdamW learning rate, after a linear warm-up")
     p.add_argument("--warmup", type=dar.nonneg_int, help="warm-up steps")
@@ -72,16 +65,14 @@ def build_parser(add_help=True):
     p.add_argument("--ema-decay", type=dar.decay, help="EMA of the weights (what is sampled); 0: none")
     p.add_argument("--lpips-weight", type=dar.nonneg_float, help="lambda_1 of eq. 7 (0.5 in the paper); 0: off")
     p.add_argument("--repa-weight", type=dar.nonneg_float, help="lambda_2 of eq. 7 (0.5 in the paper); 0: off")
-    p.add_argument("--loss-backbones", choices=["pretrained", "random"], default="pretrained",
-                   help="random: untrained VGG16 / ViT-B/14, for offline smoke tests (the losses mean nothing)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random rescaled crops and flips (official); --no-augment: centre crops")
+    p.add_argument("--loss-backbones", choices=["pretrained", "random"], default="pretrained", help="random: "
+                   "untrained networks, for offline smoke tests (the losses mean nothing)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="random crops, flips")
     p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
     p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: "
-                   "less memory, ~30%% slower")
+    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
     p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores less the workers")
     p.add_argument("--workers", type=dar.nonneg_int, default=0, help="data-loader processes per process")
     p.add_argument("--log-every", type=dar.positive_int, help="steps between log lines (and metrics.jsonl)")
@@ -120,8 +111,7 @@ def centre(img, rng, size):
 # The two extra losses of eq. 7 need pretrained networks, loaded here and passed to tokenizer_loss
 
 def build_lpips(random_init, device):
-    """LPIPS on VGG16, as the official training: the lpips package ships its linear heads, the VGG16
-    weights come from torchvision's download."""
+    """LPIPS on VGG16, as the official training (heads in the lpips package, VGG16 from torchvision)."""
     import lpips
     try:
         net = lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False)
@@ -133,20 +123,17 @@ def build_lpips(random_init, device):
 
 class RepaTarget(nn.Module):
     """Frozen DINOv2 ViT-B/14 patch tokens (B, 256, 768) of the input images, the REPA target: [-1, 1]
-    -> ImageNet normalisation -> bicubic 224 px, as the official code. random_init: a random
-    torchvision ViT-B/14 of the same shape instead (offline smoke tests)."""
+    -> ImageNet normalisation -> bicubic 224 px, as the official code. random_init: a random 14 x 14
+    patch embedding of the same output instead (offline smoke tests)."""
 
     def __init__(self, random_init):
         super().__init__()
-        if random_init:
-            from torchvision.models import VisionTransformer
-            self.vit = VisionTransformer(224, 14, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
-        else:
-            try:
-                self.dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")
-            except Exception as e:
-                raise OSError(f"REPA needs DINOv2 ViT-B/14 from torch.hub ({dar.one_line(e)}): put it in the torch "
-                              f"hub cache, or train without REPA: --repa-weight 0") from None
+        try:
+            self.net = nn.Conv2d(3, 768, 14, 14) if random_init else torch.hub.load("facebookresearch/dinov2",
+                                                                                     "dinov2_vitb14")
+        except Exception as e:
+            raise OSError(f"REPA needs DINOv2 ViT-B/14 from torch.hub ({dar.one_line(e)}): put it in the torch hub "
+                          f"cache, or train without REPA: --repa-weight 0") from None
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -154,10 +141,9 @@ class RepaTarget(nn.Module):
     @torch.no_grad()
     def forward(self, images):
         x = F.interpolate(((images.float() + 1) / 2 - self.mean) / self.std, size=224, mode="bicubic")
-        if hasattr(self, "dino"):
-            return self.dino.forward_features(x)["x_norm_patchtokens"]
-        tokens = self.vit._process_input(x)  # torchvision's ViT: its encoder's tokens, less the class token
-        return self.vit.encoder(torch.cat([self.vit.class_token.expand(len(x), -1, -1), tokens], 1))[:, 1:]
+        if isinstance(self.net, nn.Conv2d):
+            return self.net(x).flatten(2).transpose(1, 2)
+        return self.net.forward_features(x)["x_norm_patchtokens"]
 
 
 def finetune_start(args, log):
@@ -167,20 +153,19 @@ def finetune_start(args, log):
     repa = args.repa_weight > 0
     model = dar.Tokenizer(replace(tok.cfg, image_size=args.image_size or tok.cfg.image_size,
                                   repa_dim=(tok.cfg.repa_dim or 768) if repa else 0))
-    sd = {k: v for k, v in tok.state_dict().items() if repa or not k.startswith("dit.repa.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)  # a new projector keeps its init
-    if unexpected or any(not k.startswith("dit.repa.") for k in missing):
-        raise dar.CheckpointError(f"{args.init_from}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # every weight of the file (the size is its own), but a REPA projector this run does not train; a
+    # new projector keeps its init
+    model.load_state_dict({k: v for k, v in tok.state_dict().items() if repa or not k.startswith("dit.repa.")},
+                          strict=False)
     c = model.cfg
     log(f"starting from {args.init_from}: {c.image_size} px, {c.num_tokens} tokens in {c.num_groups} groups, "
-        f"codebook {c.codebook_size}, REPA projector {'new' if missing else 'the file' if repa else 'none'}")
+        f"codebook {c.codebook_size}, REPA projector {'none' if not repa else 'the file' if tok.cfg.repa_dim else 'new'}")
     return model
 
 
 @torch.no_grad()
 def save_samples(model, images, step, out):
-    """recon_<step>.png: inputs above their decodes; preview_<step>.png: per image the jump estimate
-    after each decoder step, then the input. Fixed images and noise: the grids show training move."""
+    """recon_<step>.png: inputs over their decodes; preview_<step>.png: the jump estimate after each step"""
     model.eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)).to(images.device)
     states = list(model.decode_steps(model.encode(images), noise))
@@ -207,20 +192,18 @@ def main(argv=None):
     else:
         changes = {k: v for k, v in dict(image_size=args.image_size, time_shift=args.time_shift).items() if v}
         try:
-            cfg = dar.tokenizer_config(args.preset, **changes, repa_dim=768 if args.repa_weight > 0 else 0)
-        except ValueError as e:
+            model = dar.Tokenizer(dar.tokenizer_config(args.preset, **changes, repa_dim=768 * (args.repa_weight > 0)))
+        except ValueError as e:  # an image size the patch sizes do not divide
             raise ValueError(f"--image-size {args.image_size}: {e}") from None
-        model = dar.Tokenizer(cfg)
     model.to(device).set_grad_checkpointing(args.grad_checkpointing)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, fused=cuda)
-    step = 0
-    if ckpt:  # weights, EMA, optimizer moments and step: training goes on as if never stopped
+    if ckpt:  # weights, optimizer moments, EMA and step: training goes on as if never stopped
         model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    if ckpt and ckpt["ema"] and ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    step = ckpt["step"] if ckpt else 0
 
     # ---- data: an endless stream of micro-batches from this step on, each image augmented from
     # (seed, epoch, index): the same stream for a resumed run and for any number of processes
@@ -231,10 +214,8 @@ def main(argv=None):
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                                pin_memory=cuda, worker_init_fn=dar.worker_init))
     micro, accum = sampler.micro, sampler.accum      # global batch = processes x micro x accum
-    first = {}                                       # the first image of each class, shown at each sample step
-    for i, label in enumerate(dataset.labels):
-        first.setdefault(label, i)
-    picks = (list(first.values()) + list(range(0, len(dataset), max(1, len(dataset) // 8))))[:8]
+    first = {label: i for i, label in reversed(list(enumerate(dataset.labels)))}  # of each class: shown
+    picks = (sorted(first.values()) + list(range(0, len(dataset), max(1, len(dataset) // 8))))[:8]  # at sample steps
     fixed = torch.stack([dar.to_tensor(dar.center_crop(dataset.image(i), size)) for i in picks]).to(device)
     backbones = args.loss_backbones == "random"
     lpips = build_lpips(backbones, device) if args.lpips_weight > 0 else None
@@ -249,9 +230,9 @@ def main(argv=None):
 
     # ---- the loop
     stop = dar.catch_stop()                          # Ctrl-C / SIGTERM: save, then stop
-    sums, since, t0 = {}, 0, time.time()             # loss terms summed on the device since the last log
+    sums, since, t0, stopping = {}, 0, time.time(), False  # loss terms summed on the device since the last log
     pbar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    while step < args.max_steps:
+    while step < args.max_steps and not stopping:
         # the paper's schedule: linear warm-up, then constant (the EMA does the averaging a decay would)
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         for group in optimizer.param_groups:
@@ -303,12 +284,10 @@ def main(argv=None):
                 torch.distributed.barrier()
         if master and (step % args.sample_every == 0 or step == args.max_steps):
             save_samples(ema or model, fixed, step, args.out)  # the EMA weights are what sample.py uses
-        if stopping:
-            dar.catch_stop(False)
-            sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in "
-                     f"{args.out}/ckpt.pt: the same command resumes" if master else 1)
-    pbar.close()
     dar.catch_stop(False)
+    if stopping:  # one line, and a non-zero exit status: the run did not finish
+        sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in {args.out}/ckpt.pt: "
+                 f"the same command resumes" if master else 1)
     log(f"done: {args.out}/ckpt.pt")
     if world > 1:
         torch.distributed.destroy_process_group()
