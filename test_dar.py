@@ -666,7 +666,7 @@ def test_two_processes_equal_one(image_folder, tmp_path):
 
 @pytest.mark.parametrize("name,preset", [("train_tokenizer.py", "tokenizer_tiny"), ("train_ar.py", "GPT-tiny")])
 def test_kill_and_resume_reproduces_the_run(image_folder, tiny_tokenizer_ckpt, tmp_path, name, preset):
-    args = ["--preset", preset, "--data", image_folder, "--global-batch", "4", "--max-steps", "12", *TINY,
+    args = ["--preset", preset, "--data", image_folder, "--global-batch", "4", "--max-steps", "60", *TINY,
             "--ckpt-every", "2"]
     if name == "train_ar.py":
         args += ["--tokenizer", tiny_tokenizer_ckpt, "--codes-dir", tmp_path / "codes"]
@@ -679,14 +679,14 @@ def test_kill_and_resume_reproduces_the_run(image_folder, tiny_tokenizer_ckpt, t
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(tmp_path / "cut" / "metrics.jsonl") and len(metrics(tmp_path / "cut")) >= 5:
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 5 <= len(metrics(tmp_path / "cut")) < 12, "the run finished before it could be killed"
+    assert 5 <= len(metrics(tmp_path / "cut")) < 60, "the run finished before it could be killed"
     resumed = script(name, *args, "--out", tmp_path / "cut")
     assert resumed.returncode == 0 and "resuming from" in open(tmp_path / "cut" / "log.txt").read(), resumed.stderr[-2000:]
     reference, cut = {m["step"]: m for m in metrics(tmp_path / "full")}, metrics(tmp_path / "cut")
-    assert [m["step"] for m in cut] == list(range(1, 13))  # the lines of steps after the checkpoint were dropped
+    assert [m["step"] for m in cut] == list(range(1, 61))  # the lines of steps after the checkpoint were dropped
     for m in cut:  # every step, before and after the kill, as in the uninterrupted run
         assert abs(m["loss"] - reference[m["step"]]["loss"]) <= 1e-6 * abs(m["loss"]) and m["lr"] == reference[m["step"]]["lr"]
     final_a, final_b = (dar.load_checkpoint(str(tmp_path / d / "ckpt.pt"))["model"] for d in ("full", "cut"))
@@ -1174,7 +1174,7 @@ def test_script_on_npz_and_folder_with_cached_features(tmp_path, random_net, cap
     common = ["--ref", str(tmp_path / "ref"), "--batch-size", "16", "--device", "cpu"]
     m_near = eval_fid.main([near, *common])
     out, err = capsys.readouterr()
-    assert "IS n/a (the network gives no logits)" in out and "30 samples" in out and re.search(r"samples: 100%.*2/2", err)
+    assert "IS n/a (the network gives no logits)" in out and "30 samples" in out and re.search(r"samples: 100%.*30/30", err)
     saved = json.load(open(tmp_path / "near.fid.json"))  # beside the samples, and said
     assert f"metrics written to {tmp_path / 'near.fid.json'}" in out and saved["fid"] == pytest.approx(m_near["fid"])
     assert (saved["num_samples"], saved["num_ref"], saved["ref_stats"], saved["fid_note"]) == (30, 40, "reference images", None)
@@ -1204,10 +1204,6 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, random_net, capsys):
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)  # statistics alone: FID only
     m = eval_fid.main([*args, "--ref", str(tmp_path / "stats.npz")])
     assert m["fid"] == pytest.approx(0, abs=1e-4) and m["precision"] is None and m["num_ref"] is None
-    np.savez(tmp_path / "adm2048.npz", arr_0=smooth_images(20, 16, seed=4), mu=np.zeros(2048), sigma=np.eye(2048))
-    m = eval_fid.main([*args, "--ref", str(tmp_path / "adm2048.npz")])  # another network's size: from its images
-    assert "of 2048 features, the network gives 16: FID from its images instead" in capsys.readouterr().out
-    assert m["ref_stats"] == "reference images"
 
 
 def test_inception_score_from_a_network_with_logits(tmp_path, random_net, monkeypatch):
