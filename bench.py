@@ -30,7 +30,7 @@ p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="sample: guid
 p.add_argument("--repeats", type=dar.positive_int, default=5, help="timed runs (median)")
 p.add_argument("--peak-tflops", type=dar.positive_float, help="the device's peak (989 for an H100 / H200 in bf16 "
                "dense): prints MFU")
-p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
 p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (sample: bf16 Llama "
                "weights too); None: on with cuda")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
@@ -40,7 +40,7 @@ args = p.parse_args()
 bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
 use_compile = args.device == "cuda" if args.compile is None else args.compile
 device, cuda = torch.device(args.device), args.device == "cuda"
-dar.set_threads(args.threads)
+dar.setup(args.device, args.threads)
 torch.manual_seed(0)
 
 

@@ -48,7 +48,7 @@ import os
 import random
 import re
 import signal
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -97,9 +97,8 @@ class TokenizerConfig:
     repa_dim: int = 768         # DINOv2 ViT-B/14 width; 0 builds no projector (inference-only model)
     repa_hidden: int = 2048
     rope_theta: float = 10000.0
-    gate_init: float = 0.0      # initial residual gates of the encoder and token decoder blocks: 0 as
-                                # the official code (each block starts as the identity); small runs
-                                # open them so that the image reaches the codes within minutes
+    gate_init: float = 0.0      # initial residual gates of the encoder and token decoder blocks (0, as
+                                # the official code: each block starts as the identity)
 
     def __post_init__(self):
         if self.num_tokens % self.num_groups or self.num_tokens > self.max_tokens:
@@ -142,7 +141,6 @@ class GPTConfig:
             self.ffn_hidden = -(-hidden // self.multiple_of) * self.multiple_of
 
 
-
 # -----------------------------------------------------------------------------
 # section 2. Shared pieces: layer norm without affine, rotary embeddings, attention, MLP
 
@@ -152,11 +150,9 @@ def ln(x):
 
 
 def rope_2d(h, w, head_dim, theta, device=None):
-    """2D RoPE tables for an h x w grid, row-major: cos, sin of shape (h*w, head_dim/2).
-
-    Pair j of a head rotates by pos * theta^(-2j'/d_axis): the first head_dim/4 pairs use the row
-    (y), the next head_dim/4 the column (x), 32 dims per axis for 64-d heads (Flux layout).
-    Computed in float64 and rounded to float32, as the official code does."""
+    """2D RoPE tables for an h x w grid, row-major: cos, sin of shape (h*w, head_dim/2). Pair j of a head
+    rotates by pos * theta^(-2j'/d_axis): the first head_dim/4 pairs use the row (y), the next the
+    column (x), 32 dims per axis for 64-d heads (Flux layout); float64, then float32, as the official code."""
     d_axis = head_dim // 2
     inv_freq = 1.0 / theta ** (torch.arange(0, d_axis, 2, dtype=torch.float64, device=device) / d_axis)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=device),
@@ -266,11 +262,10 @@ def run_blocks(blocks, x, use_checkpoint, **kwargs):
 # section 3. Vector quantiser (eq. 1, LlamaGen style: l2-normalised codes, straight-through)
 
 class VectorQuantizer(nn.Module):
-    """quant(.) of eq. 1: nearest-neighbour quantisation on the unit sphere of R^vq_dim.
-
-    Both the encoder outputs z and the codebook entries e are l2-normalised; the code of a token is
-    argmin_j ||z - e_j||^2. The decoder receives z + sg[e - z] (straight-through estimator), so
-    gradients flow to the encoder as if quantisation were the identity."""
+    """quant(.) of eq. 1: nearest-neighbour quantisation on the unit sphere of R^vq_dim. Both the encoder
+    outputs z and the codebook entries e are l2-normalised; the code of a token is argmin_j ||z -
+    e_j||^2. The decoder receives z + sg[e - z] (straight-through estimator), so gradients flow to the
+    encoder as if quantisation were the identity."""
 
     def __init__(self, codebook_size, dim):
         super().__init__()
@@ -310,10 +305,10 @@ class VectorQuantizer(nn.Module):
 # section 4. Encoder (eq. 1): image -> N query tokens (1D, TiTok-like)
 
 class Encoder(nn.Module):
-    """E(I, [q_1..q_N]) of eq. 1. Patches and N learnable queries go through one transformer; the queries' outputs become the
-    N code vectors. Attention mask: patches see all patches (and no query); query i sees all patches
-    and queries <= i, so each token only summarises what earlier tokens left out (causal queries).
-    2D RoPE rotates the patches; the queries get the identity rotation."""
+    """E(I, [q_1..q_N]) of eq. 1. Patches and N learnable queries go through one transformer; the queries'
+    outputs become the N code vectors. Attention mask: patches see all patches (and no query); query i
+    sees all patches and queries <= i, so each token only summarises what earlier tokens left out
+    (causal queries). 2D RoPE rotates the patches; the queries get the identity rotation."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -618,10 +613,6 @@ class Tokenizer(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.cfg.codebook_size})")
         return self.decoder(self.quantizer.lookup(codes))
 
-    def start_decode(self, noise, steps=None, sampler="adams2"):
-        """A fresh decoding from noise x0 (B, 3, H, W) ~ N(0, I) (unscaled: it is x_t at t = 0)."""
-        return DecodeState(noise, steps or self.cfg.sample_steps, sampler)
-
     @torch.no_grad()
     def sample(self, cond_group, state, dit=None):
         """The decoder's loop (section 8) from `state`, yielding the state after each step. Step i
@@ -648,7 +639,7 @@ class Tokenizer(nn.Module):
             if noise is None:
                 S = self.cfg.image_size
                 noise = torch.randn(codes.shape[0], 3, S, S, device=codes.device, dtype=z.dtype)
-            state = self.start_decode(noise, steps, sampler)
+            state = DecodeState(noise, steps or self.cfg.sample_steps, sampler)  # x_t at t = 0: N(0, I)
         G = self.cfg.group_size
         yield from self.sample(lambda g: z[:, g * G:(g + 1) * G], state, dit)
 
@@ -698,23 +689,20 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source="tokenizer_v1", use_ema=True):
-        """A tokenizer from a released name (tokenizer_v1: downloaded once from the Hugging Face hub)
-        or a checkpoint file, ours or official (EMA weights when it has them); section 13."""
+        """From a released name (tokenizer_v1) or a checkpoint, ours or official (its EMA); section 13."""
         return load_model(find_weights(source, "tokenizer"), "tokenizer", use_ema)
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
     """The tokenizer's training objective, eq. 7, for images (B, 3, H, W) in [-1, 1]:
         loss = l_fm + l_VQ + lambda_1 LPIPS(I, x1_hat) + lambda_2 l_repa        (lambda = 0.5)
-    l_fm is the flow-matching loss of the condition group picked for each image (eqs. 2-5); l_VQ is
-    the codebook + commitment pair of section 3; LPIPS compares the input with the one-jump
-    estimate x1_hat = x_t + (1 - t) v, so every training time also learns to jump straight to a
-    sharp image (what lets 8 steps suffice); l_repa = 1 - cos(REPA projection of the DiT's features,
-    a frozen encoder's patch tokens of the input) aligns the DiT with a strong image representation
-    (faster convergence). The two networks are passed in: lpips(a, b) -> (B, 1, 1, 1) distances
-    (VGG16 LPIPS in the paper) and repa_target(images) -> (B, M, C) patch tokens (DINOv2
-    ViT-B/14: 16 x 16 tokens of width 768); None leaves a term out. tok may be wrapped (DDP,
-    compile). Returns the loss, its terms (tensors) and the codes (B, N) of this batch."""
+    l_fm: flow matching on the group picked for each image (eqs. 2-5); l_VQ: section 3's pair; LPIPS
+    compares the input with the one-jump estimate x1_hat = x_t + (1 - t) v, so every time also learns
+    to jump to a sharp image (what lets 8 steps suffice); l_repa = 1 - cos(the DiT's projected
+    features, a frozen encoder's patch tokens) aligns the DiT with a strong representation. lpips(a, b)
+    -> (B, 1, 1, 1) (VGG16 in the paper) and repa_target(images) -> (B, M, C) (DINOv2 ViT-B/14, 16 x 16
+    x 768) are passed in, None leaves a term out; tok may be wrapped (DDP, compile). -> the loss, its
+    terms (tensors), the codes (B, N)."""
     out = tok(images, repa=repa_target is not None)
     terms = dict(fm=out["fm_loss"], vq=out["vq_loss"], commit=out["commit_loss"])
     loss = out["fm_loss"] + out["vq_loss"] + out["commit_loss"]
@@ -906,8 +894,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):
-        """A GPT from a released name (D-AR-L, D-AR-XL; their tokenizer is tokenizer_v1) or a checkpoint
-        file, ours or official (whose sequence length, not stored, is block_size or 256); section 13."""
+        """From a released name (D-AR-L, D-AR-XL) or a checkpoint, ours or official (its EMA); section 13."""
         return load_model(find_weights(source, "gpt"), "gpt", use_ema, block_size)
 
 # -----------------------------------------------------------------------------
@@ -1036,7 +1023,7 @@ def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, 
             z = tok.cond_tokens(tokens)            # (B, N, dec_dim); rows >= n are never read
         return z[:, g * G:(g + 1) * G]
 
-    for state in tok.sample(cond_group, tok.start_decode(noise, steps, sampler), dit):
+    for state in tok.sample(cond_group, DecodeState(noise, steps or cfg.sample_steps, sampler), dit):
         if state.step == state.steps:              # fewer steps than groups skip the last groups:
             for token in stream:                   # finish the sequence all the same
                 tokens[:, n] = token
@@ -1063,10 +1050,8 @@ TOKENIZER_PRESETS = {
     # the paper's tokenizer: 307.4M parameters (185.1M pixel DiT, 7.3M REPA projector)
     "tokenizer_v1": dict(),
     # trains on 2 CPU cores in minutes: 32x32 images (Fashion-MNIST padded), 64 tokens in 4 groups;
-    # beta = 4: at this size the tokens only take hold when training dwells on the noisy times
-    # (README, small scale: beta 1 / 2 / 4 / 8 after 800 steps); 8 decoder steps, twice K (step i
-    # uses group round(i K / 8): the groups 1, 2, 2, 3, 3, 4, 4, 4): this briefly trained DiT still
-    # gains from finer steps (README: steps and solver)
+    # beta = 4: at this size the tokens take hold only when training dwells on the noisy times; 8
+    # decoder steps, twice K (groups 1, 2, 2, 3, 3, 4, 4, 4): a briefly trained DiT gains from them
     "tokenizer_small": dict(image_size=32, patch_size=4, enc_dim=128, enc_layers=2, dec_dim=128,
                             dec_layers=2, num_tokens=64, num_groups=4, codebook_size=512,
                             dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=8, repa_layer=2,
@@ -1124,16 +1109,13 @@ def one_line(e):
     return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
 
 
-def save_checkpoint(obj, path):
-    """torch.save to path.tmp, then rename: a crash leaves the old file or the new one, never half."""
+def save_checkpoint(path, model, ema=None, **extra):
+    """Our checkpoint (kind, config as a dict, weights, the EMA's, and what the trainer adds), written
+    to path.tmp, then renamed: a crash leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, f"{path}.tmp")
+    torch.save(dict(kind="dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt", config=asdict(model.cfg),
+                    model=model.state_dict(), ema=None if ema is None else ema.state_dict(), **extra), f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
-
-
-def model_checkpoint(model, ema=None, **extra):
-    return dict(kind="dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt", config=asdict(model.cfg),
-                model=model.state_dict(), ema=None if ema is None else ema.state_dict(), **extra)
 
 
 def load_checkpoint(path):
@@ -1156,10 +1138,9 @@ def tokenizer_config_from_official(c):
     """The official tokenizer config (YAML `model:` section) -> TokenizerConfig."""
     c = c.get("model", c)
     dd = c["diff_decoder"]
-    # the official code's options that no release uses and that strict loading would not catch
-    if c.get("queries_per_step", c["num_all_queries"] // c["num_query_groups"]) * c["num_query_groups"] != \
-            c["num_all_queries"] or not c.get("vq_enable", True):
-        raise CheckpointError("official tokenizer with queries_per_step != N / K or no VQ: not supported")
+    group = c["num_all_queries"] // c["num_query_groups"]
+    if c.get("queries_per_step", group) != group:  # no release has it
+        raise CheckpointError("official tokenizer with queries_per_step != N / K: not supported")
     return TokenizerConfig(  # official name -> ours, field by field; defaults are the official code's
         image_size=c.get("sampling_resolution", 256), patch_size=c["encoder_patch_size"],
         enc_dim=c["encoder_dim"], enc_layers=c["num_encoder_layers"],
@@ -1236,11 +1217,6 @@ def gpt_config_from_weights(sd, block_size=256):
                      ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
 
 
-def config_from_dict(cls, d):
-    """A config saved with asdict (fields a later version dropped are ignored, new ones default)."""
-    return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-
-
 def load_model(path, kind, use_ema=True, block_size=None):
     """A Tokenizer or GPT (kind) from our checkpoint or an official one (known by a key only that model
     has), EMA weights when asked and present; an official GPT's length is block_size or 256."""
@@ -1255,14 +1231,14 @@ def load_model(path, kind, use_ema=True, block_size=None):
     sd = ckpt["ema"] if use_ema and ckpt.get("ema") else sd
     if kind == "tokenizer":
         cfg, sd = (tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)) if official else \
-            (config_from_dict(TokenizerConfig, ckpt["config"]), strip_prefixes(sd))
+            (TokenizerConfig(**ckpt["config"]), strip_prefixes(sd))
         # the REPA projector is training-only: built only when the file has it (the released one does)
         cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
         model = Tokenizer(cfg)
     else:
         sd = convert_official_gpt(sd) if official else strip_prefixes(sd)
         model = GPT(gpt_config_from_weights(sd, block_size or 256) if official else
-                    config_from_dict(GPTConfig, ckpt["config"]))
+                    GPTConfig(**ckpt["config"]))
         model.tokenizer, model.classes = ckpt.get("tokenizer"), ckpt.get("classes")  # ours record them
     try:
         model.load_state_dict(sd)
@@ -1300,8 +1276,8 @@ def find_weights(source, kind):
 
 def check_pair(tok, gpt):
     if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens):
-        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the "
-                              f"tokenizer has {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
+        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the tokenizer "
+                              f"has {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
 
 # -----------------------------------------------------------------------------
 # section 14. Images and data sets: PIL images until they enter a model, (3, H, W) float tensors in
@@ -1404,7 +1380,7 @@ def build_dataset(data, transform=None, train=True, seed=0):
     if data == "fashion-mnist":
         prefix = os.path.join(FASHION_MNIST_DIR, "train" if train else "t10k")
         if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):  # IDX files: a 16 (8) byte header, then uint8
-            read = lambda name, header: np.frombuffer(gzip.open(f"{prefix}-{name}-ubyte.gz").read(), np.uint8, offset=header)
+            read = lambda f, skip: np.frombuffer(gzip.open(f"{prefix}-{f}-ubyte.gz").read(), np.uint8, offset=skip)
             x, y = read("images-idx3", 16).reshape(-1, 28, 28), read("labels-idx1", 8)
         else:
             import torchvision
@@ -1423,13 +1399,16 @@ def build_dataset(data, transform=None, train=True, seed=0):
 # -----------------------------------------------------------------------------
 # section 15. Training: processes, threads, the data order and seeds of an exact resume, EMA
 
-def default_device():  # as nanoGPT picks it; mps (Apple silicon) is untested
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+# the best device here, as nanoGPT picks it (mps: Apple silicon, untested here)
+DEVICE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def setup(device):
-    """(rank, world size, torch.device). Under torchrun (RANK set) a process group, NCCL on GPUs (one
-    per process: LOCAL_RANK) and gloo on CPUs; with plain python one process."""
+def setup(device, threads=None, workers=0):
+    """(rank, world size, torch.device). Under torchrun (RANK set) a process group: NCCL on GPUs, one a
+    process (LOCAL_RANK), gloo on CPUs. Compute threads: --threads, else this process's share of the
+    cores it may use, less its data-loader workers (one thread each, worker_init)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers))
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     local = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else "cpu"
@@ -1437,13 +1416,6 @@ def setup(device):
         torch.cuda.set_device(local)
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(local)
-
-
-def set_threads(threads=None, workers=0):
-    """Compute threads: --threads, else this process's share of the cores it may use (torchrun starts
-    LOCAL_WORLD_SIZE processes) less its data-loader workers, one thread each (worker_init)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers))
 
 
 def worker_init(_):  # a data-loader worker: one thread; Ctrl-C is the main process's
@@ -1520,9 +1492,9 @@ def resume_checkpoint(args, log, master):
     if args.no_resume or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path)
-    old, same = ckpt["args"], lambda d: os.path.realpath(d) if d and os.path.exists(d) else d
+    old = ckpt["args"]
     for flag in ("preset", "data"):
-        if same(old[flag]) != same(getattr(args, flag)):
+        if old[flag] != getattr(args, flag):
             raise ValueError(f"{path} is a run of --{flag} {old[flag]}, not {getattr(args, flag)}: train into "
                              f"another --out, or start afresh with --no-resume")
     changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
@@ -1544,26 +1516,25 @@ def catch_stop(on=True):
     return caught
 
 
-# Command-line values that make no sense stop at parse time, in one line naming the flag and the range
-
-def _number(cast, lo, hi=None, lo_open=False, hi_open=False, what=""):
+def _number(cast, ok, what):
+    """An argparse type: a value that makes no sense stops at parse time, in one line naming the flag."""
     def parse(text):
         try:
             v = cast(text)
         except ValueError:
             v = math.nan
-        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))):
+        if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return v
     return parse
 
 
-positive_int = _number(int, 1, what="an integer >= 1")
-nonneg_int = _number(int, 0, what="an integer >= 0")
-positive_float = _number(float, 0, lo_open=True, what="a finite number > 0")
-nonneg_float = _number(float, 0, what="a finite number >= 0")
-fraction = _number(float, 0, 1, what="a number in [0, 1]")
-decay = _number(float, 0, 1, hi_open=True, what="a number in [0, 1)")
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def parse_guidance(text):
@@ -1578,7 +1549,7 @@ def parse_guidance(text):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass  # argparse's own two: every flag's default, and the docstring as written
+    """argparse's own two: every flag's default, and the docstring as written."""
 
 # -----------------------------------------------------------------------------
 # section 16. Sampling: one function for sample.py and eval_fid.py, so that `sample.py --out` and
@@ -1586,20 +1557,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_sampling_arguments(p):  # the flags that decide what is drawn
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
-    p.add_argument("--cfg", type=parse_guidance, help="classifier-free guidance: 'start,end' of a linear schedule "
-                   "over the tokens, or one number; None: the paper's for a released GPT (D-AR-L 1.1,8.0, XL "
-                   "1.1,10.0), else 1 (none)")
+    p.add_argument("--cfg", type=parse_guidance, help="guidance: 'start,end' of a linear schedule over the tokens, "
+                   "or one number; None: the paper's for a released GPT (L 1.1,8.0, XL 1.1,10.0), else 1 (none)")
     p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0: all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1: off")
     p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="the decoder's ODE solver")
     p.add_argument("--steps", type=positive_int, help="decoder steps; None: the tokenizer's")
-    p.add_argument("--preview-step", type=positive_int, help="keep the preview after this decoder step, not the "
-                   "image (with one step per group: the image of the first k groups)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 Llama weights and decoder "
-                   "autocast; None: on with --device cuda")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the pixel DiT and the "
-                   "one-token step (a CUDA graph on GPUs); None: on with --device cuda")
+    p.add_argument("--preview-step", type=positive_int, help="output the preview after this step, not the image")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 weights; None: on with cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
 
 
 def load_models(gpt, tokenizer=None, device="cpu"):

@@ -259,7 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--inception", help="fid-helper, or torch-fidelity's weights file; None: downloaded")
     p.add_argument("--k", type=dar.positive_int, default=3, help="nearest neighbours for precision / recall")
     p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward")
-    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
     p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores")
     p.add_argument("--json", help="metrics file; None: beside the samples, or the --gpt / --tokenizer checkpoint")
     args = p.parse_args(argv)
@@ -287,8 +287,7 @@ def evaluate(ref, samples, k, device):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dar.set_threads(args.threads)
+    device = dar.setup(args.device, args.threads)[2]
     for flag in ("samples", "ref", "data"):  # found in a second, not after the work
         path = getattr(args, flag)
         if path and path != "fashion-mnist" and not os.path.exists(path):

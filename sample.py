@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=dar.positive_int, default=50000, help="--out: how many samples")
     p.add_argument("--batch-size", type=dar.positive_int, default=32, help="samples per forward")
     p.add_argument("--list-classes", action="store_true", help="print the GPT's class names, then exit")
-    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
     p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores")
     args = p.parse_args(argv)
     args.grid = args.grid or ("preview.png" if args.preview else "layout.png" if args.layout else "sample.png")
@@ -107,8 +107,7 @@ def bulk(args, draw, out_step, num_classes, rank, world):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dar.setup(args.device)
-    dar.set_threads(args.threads)
+    rank, world, device = dar.setup(args.device, args.threads)
     tok, gpt, tokenizer = dar.load_models(args.gpt, args.tokenizer, device)
     args.tokenizer = tokenizer
     args.cfg = args.cfg if args.cfg is not None else dar.PAPER_GUIDANCE.get(args.gpt, 1.0)

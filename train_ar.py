@@ -71,7 +71,7 @@ def build_parser(add_help=True):
     p.add_argument("--codes-dir", help="where extracted codes are kept; None: codes/ beside the run directory")
     p.add_argument("--cfg", type=dar.parse_guidance, help="guidance of the sample grids: 'start,end' or one number")
     p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
-    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
@@ -174,9 +174,8 @@ def finetune_start(args, tok, num_classes, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
+    rank, world, device = dar.setup(args.device, args.threads, args.workers)  # torchrun: a process a GPU
     master, cuda = rank == 0, device.type == "cuda"
-    dar.set_threads(args.threads, args.workers)
     log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
     tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device).requires_grad_(False)  # frozen
@@ -188,7 +187,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)                     # the same initial weights on every process
     ckpt = dar.resume_checkpoint(args, log, master)
     if ckpt:
-        model = dar.GPT(dar.config_from_dict(dar.GPTConfig, ckpt["config"]))
+        model = dar.GPT(dar.GPTConfig(**ckpt["config"]))
     elif args.init_from:
         model = finetune_start(args, tok, len(images.classes), log)
     else:
@@ -275,9 +274,8 @@ def main(argv=None):
             loss_sum, since, t0 = 0.0, 0, time.time()
         if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
             if master:
-                dar.save_checkpoint(dar.model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
-                                                         args=vars(args), tokenizer=tokenizer,
-                                                         classes=images.classes), os.path.join(args.out, "ckpt.pt"))
+                dar.save_checkpoint(f"{args.out}/ckpt.pt", model, ema, optimizer=optimizer.state_dict(), step=step,
+                                    args=vars(args), tokenizer=tokenizer, classes=images.classes)
             if world > 1:
                 torch.distributed.barrier()
         if master and (step % args.sample_every == 0 or step == args.max_steps):  # 4 samples of each of 10 classes

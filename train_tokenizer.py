@@ -69,7 +69,7 @@ def build_parser(add_help=True):
                    "untrained networks, for offline smoke tests (the losses mean nothing)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="random crops, flips")
     p.add_argument("--seed", type=int, default=0, help="of the weights, the data order and every draw")
-    p.add_argument("--device", default=dar.default_device(), choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on with cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
@@ -177,16 +177,15 @@ def save_samples(model, images, step, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dar.setup(args.device)    # torchrun: one process per GPU (or CPU share)
+    rank, world, device = dar.setup(args.device, args.threads, args.workers)  # torchrun: a process a GPU
     master, cuda = rank == 0, device.type == "cuda"
-    dar.set_threads(args.threads, args.workers)
     log = dar.logger(args.out, master)               # print + out/log.txt, on process 0
 
     # ---- start: the run's own checkpoint (resume), else --init-from weights, else the preset
     torch.manual_seed(args.seed)                     # the same initial weights on every process
     ckpt = dar.resume_checkpoint(args, log, master)
     if ckpt:
-        model = dar.Tokenizer(dar.config_from_dict(dar.TokenizerConfig, ckpt["config"]))
+        model = dar.Tokenizer(dar.TokenizerConfig(**ckpt["config"]))
     elif args.init_from:
         model = finetune_start(args, log)
     else:
@@ -278,8 +277,8 @@ def main(argv=None):
             sums, since, t0 = {}, 0, time.time()
         if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
             if master:
-                dar.save_checkpoint(dar.model_checkpoint(model, ema, optimizer=optimizer.state_dict(), step=step,
-                                                         args=vars(args)), os.path.join(args.out, "ckpt.pt"))
+                dar.save_checkpoint(f"{args.out}/ckpt.pt", model, ema, optimizer=optimizer.state_dict(), step=step,
+                                    args=vars(args))
             if world > 1:
                 torch.distributed.barrier()
         if master and (step % args.sample_every == 0 or step == args.max_steps):
