@@ -1162,14 +1162,12 @@ def strip_prefixes(sd):
 _TOKENIZER_RENAMES = [
     (r"^encoder_layers\.", "encoder.blocks."), (r"^decoder_layers\.", "decoder.blocks."),
     (r"^patchify\.", "encoder.patch_embed."), (r"^query_embedding\.", "encoder.query_embed."),
-    (r"^query_linear\.", "encoder.query_proj."), (r"^quant_in_conv\.", "encoder.to_code."),
-    (r"^quant_out_conv\.", "decoder.from_code."), (r"^decoder_embedding\.", "decoder.pos_embed."),
-    (r"^quantize\.embedding\.", "quantizer.codebook."), (r"^diff_decoder\.net\.", "dit."),
-    (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
-    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."),
-    (r"\.attention\.", ".attn."), (r"\.adaLN_modulation\.1\.", ".ada."),
-    (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed."),
-]
+    (r"^query_linear\.", "encoder.query_proj."),
+    (r"^quant_in_conv\.", "encoder.to_code."), (r"^quant_out_conv\.", "decoder.from_code."),
+    (r"^decoder_embedding\.", "decoder.pos_embed."), (r"^quantize\.embedding\.", "quantizer.codebook."),
+    (r"^diff_decoder\.net\.", "dit."), (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
+    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."), (r"\.attention\.", ".attn."),
+    (r"\.adaLN_modulation\.1\.", ".ada."), (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed.")]
 
 
 def convert_official_tokenizer(sd):
@@ -1276,12 +1274,11 @@ def find_weights(source, kind):
 
 def check_pair(tok, gpt):
     if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens):
-        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the tokenizer "
-                              f"has {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
+        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the "
+                              f"tokenizer {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
 
 # -----------------------------------------------------------------------------
-# section 14. Images and data sets: PIL images until they enter a model, (3, H, W) float tensors in
-# [-1, 1] inside, (B, H, W, 3) uint8 arrays when they leave (PNG files, the ADM .npz layout)
+# section 14. Images: PIL until they enter a model, (3, H, W) floats in [-1, 1] inside, (B, H, W, 3) uint8 out
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -1424,11 +1421,10 @@ def worker_init(_):  # a data-loader worker: one thread; Ctrl-C is the main proc
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """One process's micro-batches (`accum` of them a step), step after step from `start`, without
-    end. Epoch e is a permutation seeded with seed + e cut into global batches (the last partial one
-    dropped); process r takes the r-th slice of each and cuts it into micro-batches. So sample j of a
-    global batch lands in the same slot whatever the number of processes (1 process x 2 micro-batches
-    = 2 processes x 1), and a resumed run goes on where it stopped. e * n + i is image i in epoch e."""
+    """One process's micro-batches (`accum` a step), from step `start` on. Epoch e is a permutation
+    seeded with seed + e, cut into global batches; process r takes the r-th slice of each and cuts it
+    into micro-batches, so sample j of a global batch lands in the same slot on any number of processes
+    (1 x 2 micro-batches = 2 x 1) and a resumed run goes on where it stopped. e * n + i: image i, epoch e."""
 
     def __init__(self, n, global_batch, micro_batch, rank, world, seed, start=0):
         self.micro = micro_batch or global_batch // world
@@ -1485,9 +1481,9 @@ def logger(out, master):  # log(line): above the progress bar and into out/log.t
 
 
 def resume_checkpoint(args, log, master):
-    """The checkpoint a run goes on from: its own out/ckpt.pt unless --no-resume, else None. Its model
-    and data are the run's, so another --preset or --data refuses; other flags that changed are said,
-    and apply. metrics.jsonl loses the lines of steps after it, which the run trains again."""
+    """The run's own out/ckpt.pt to go on from (None: a new run). Its model and data are the run's, so
+    another --preset or --data refuses; other changed flags are said, and apply. metrics.jsonl loses
+    the lines of steps after it, which the run trains again."""
     path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     if args.no_resume or not os.path.exists(path):
         return None
