@@ -116,8 +116,6 @@ else:
           f"  AR generation   {t_ar:8.3f} s  {B * N / t_ar:10.1f} tokens/s  {t_ar / N * 1e3:.2f} ms per token step\n"
           f"  pixel decoding  {t_px:8.3f} s  {B / t_px:10.2f} images/s ({tok_cfg.sample_steps} steps)\n"
           f"  end to end      {t_all:8.3f} s  {B / t_all:10.2f} images/s")
-if cuda:
-    print(f"  peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
-else:
-    import resource
-    print(f"  peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+import resource  # noqa: E402  (the process's peak resident memory, in KiB, on a CPU)
+peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(f"  peak {'GPU' if cuda else 'resident'} memory {peak / 2 ** 30:.2f} GiB")

@@ -345,10 +345,9 @@ def main(argv=None):
             samples = file_features(net, args.samples, args.num_samples, args.batch_size, "samples")
     metrics = dict(**evaluate(ref, samples, args.k, device), network=net.name, args=vars(args))
 
-    show = lambda v: "n/a" if v is None else f"{v:.4f}"
-    print(f"FID {metrics['fid']:.4f} | IS {show(metrics['inception_score'])}"
-          f"{' (the network gives no logits)' if samples['logits'] is None else ''} | precision "
-          f"{show(metrics['precision'])} | recall {show(metrics['recall'])} | {metrics['num_samples']} samples")
+    show = lambda v, why="": f"n/a{why}" if v is None else f"{v:.4f}"
+    print(f"FID {metrics['fid']:.4f} | IS {show(metrics['inception_score'], ' (the network gives no logits)')} | "
+          f"precision {show(metrics['precision'])} | recall {show(metrics['recall'])} | {metrics['num_samples']} samples")
     if metrics["fid_note"]:
         print(f"note: {metrics['fid_note']}")
     with open(json_path, "w") as f:
