@@ -536,7 +536,7 @@ def test_flags_and_the_presets_defaults():
     for bad in ["x", "1,2,3", "nan", "inf", "-1"]:
         with pytest.raises(Exception, match="guidance"):
             dar.parse_guidance(bad)
-    assert train_tokenizer.parse_args([]).max_steps == 2600 and train_ar.parse_args(["--tokenizer", "t"]).max_steps == 1000
+    assert train_tokenizer.parse_args([]).max_steps == 2600 and train_ar.parse_args(["--tokenizer", "t"]).max_steps == 500
     assert train_ar.parse_args(["--preset", "GPT-L", "--tokenizer", "t"]).decay_steps == 62550  # the preset's values
     assert train_tokenizer.parse_args(["--preset", "tokenizer_v1", "--lr", "1e-3"]).lr == 1e-3   # a flag wins
     assert train_tokenizer.parse_args(["--device", "cuda"]).bf16 and not train_tokenizer.parse_args(["--device", "cpu"]).bf16

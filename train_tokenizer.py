@@ -34,12 +34,13 @@ import dar
 # Run settings per preset (the flags' defaults): the official run's for tokenizer_v1; for the small
 # one, what 2 CPU cores afford in about 15 minutes (README: small scale); the tiny one is for tests.
 RUN_DEFAULTS = {
-    "tokenizer_v1": dict(data=None, global_batch=512, max_steps=210_000, lr=2e-4, warmup=500, ema_decay=0.999,
-                         lpips_weight=0.5, repa_weight=0.5, log_every=50, ckpt_every=1000, sample_every=1000),
+    "tokenizer_v1": dict(data=None, global_batch=512, max_steps=210_000, lr=2e-4, warmup=500, decay_steps=0,
+                         ema_decay=0.999, lpips_weight=0.5, repa_weight=0.5, log_every=50, ckpt_every=1000,
+                         sample_every=1000),
     "tokenizer_small": dict(data="fashion-mnist", global_batch=32, max_steps=2600, lr=3e-3, warmup=100,
-                            ema_decay=0.998, lpips_weight=0.0, repa_weight=0.0, log_every=50, ckpt_every=250,
-                            sample_every=500),
-    "tokenizer_tiny": dict(data=None, global_batch=8, max_steps=10, lr=1e-3, warmup=2, ema_decay=0.9,
+                            decay_steps=1300, ema_decay=0.998, lpips_weight=0.0, repa_weight=0.0, log_every=50,
+                            ckpt_every=250, sample_every=500),
+    "tokenizer_tiny": dict(data=None, global_batch=8, max_steps=10, lr=1e-3, warmup=2, decay_steps=0, ema_decay=0.9,
                            lpips_weight=0.0, repa_weight=0.0, log_every=5, ckpt_every=1000, sample_every=1000),
 }
 
@@ -59,6 +60,7 @@ def build_parser(add_help=True):
     p.add_argument("--max-steps", type=dar.positive_int, help="optimizer steps")
     p.add_argument("--lr", type=dar.positive_float, help="AdamW learning rate, after a linear warm-up")
     p.add_argument("--warmup", type=dar.nonneg_int, help="warm-up steps")
+    p.add_argument("--decay-steps", type=dar.nonneg_int, help="the last steps, over which lr decays linearly to 1e-5")
     p.add_argument("--weight-decay", type=dar.nonneg_float, default=0.0, help="AdamW, on matrices and embeddings")
     p.add_argument("--beta2", type=dar.decay, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=dar.positive_float, default=1.0, help="max gradient norm")
@@ -93,8 +95,8 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Data: the official augmentation (ADM's random_crop_arr, then a flip), or centre crops. rng is
-# seeded per (seed, epoch, image) by the data set, so a resumed run sees the same crops.
+# Data: the official augmentation (ADM's random_crop_arr, then a flip), or centre crops; rng is seeded
+# per (seed, epoch, image) by the data set, so a resumed run sees the same crops.
 
 def augment(img, rng, size):
     img = dar.fit_shorter_side(img, rng.randint(size, math.ceil(size / 0.8)))  # shorter side in [S, S / 0.8]
@@ -103,7 +105,7 @@ def augment(img, rng, size):
     return dar.to_tensor(img.transpose(0) if rng.random() < 0.5 else img)     # 0: FLIP_LEFT_RIGHT
 
 
-def centre(img, rng, size):
+def centre(img, rng, size):  # --no-augment
     return dar.to_tensor(dar.center_crop(img, size))
 
 
@@ -114,11 +116,10 @@ def build_lpips(random_init, device):
     """LPIPS on VGG16, as the official training (heads in the lpips package, VGG16 from torchvision)."""
     import lpips
     try:
-        net = lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False)
+        return lpips.LPIPS(net="vgg", pnet_rand=random_init, verbose=False).eval().requires_grad_(False).to(device)
     except Exception as e:
         raise OSError(f"LPIPS needs the VGG16 ImageNet weights ({dar.one_line(e)}): put them in the torch hub "
                       f"cache, or train without LPIPS: --lpips-weight 0") from None
-    return net.eval().requires_grad_(False).to(device)
 
 
 class RepaTarget(nn.Module):
@@ -204,11 +205,9 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
     step = ckpt["step"] if ckpt else 0
 
-    # ---- data: an endless stream of micro-batches from this step on, each image augmented from
-    # (seed, epoch, index): the same stream for a resumed run and for any number of processes
+    # ---- data: an endless stream of micro-batches from this step on (the same on resume and on N processes)
     size = model.cfg.image_size
-    transform = functools.partial(augment if args.augment else centre, size=size)
-    dataset = dar.build_dataset(args.data, transform, seed=args.seed)
+    dataset = dar.build_dataset(args.data, functools.partial(augment if args.augment else centre, size=size), seed=args.seed)
     sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world, args.seed, step)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                                pin_memory=cuda, worker_init_fn=dar.worker_init))
@@ -232,8 +231,10 @@ def main(argv=None):
     sums, since, t0, stopping = {}, 0, time.time(), False  # loss terms summed on the device since the last log
     pbar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     while step < args.max_steps and not stopping:
-        # the paper's schedule: linear warm-up, then constant (the EMA does the averaging a decay would)
-        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        # the official schedule: linear warm-up, then constant (the EMA does the averaging a decay would);
+        # --decay-steps ends short runs on a linear decay to 1e-5 (tokenizer_small: README, small scale)
+        p = max(0.0, (step - args.max_steps + args.decay_steps) / max(args.decay_steps, 1))
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1)) * (1 - p) + 1e-5 * p
         for group in optimizer.param_groups:
             group["lr"] = lr
         for m in range(accum):
