@@ -592,9 +592,11 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
     out, codes_dir = tmp_path / "ar", tmp_path / "codes"
     argv = ["--preset", "GPT-tiny", "--tokenizer", str(tiny_tokenizer_ckpt), "--data", str(image_folder),
             "--out", str(out), "--codes-dir", str(codes_dir), "--global-batch", "16", "--lr", "1e-2", *TINY]
-    train_ar.main(argv + ["--max-steps", "40"])
+    train_ar.main(argv + ["--max-steps", "40", "--sample-every", "20"])
     losses = [m["loss"] for m in metrics(out)]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert dar.load_checkpoint(str(out / "ckpt.pt"))["step"] == 40  # saved after a sample grid, too
+    assert all(os.path.exists(out / "samples" / f"ar_{s:07d}.png") for s in (20, 40))
     # the codes of the ten crops of each image were extracted once, and are reused by the next run
     (npy,) = [f for f in os.listdir(codes_dir) if f.endswith(".npy")]
     codes, mtime = np.load(codes_dir / npy), os.path.getmtime(codes_dir / npy)

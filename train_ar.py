@@ -280,8 +280,8 @@ def main(argv=None):
                 torch.distributed.barrier()
         if master and (step % args.sample_every == 0 or step == args.max_steps):  # 4 samples of each of 10 classes
             labels = torch.arange(min(10, c.num_classes), device=device).repeat_interleave(4)
-            images = dar.sample(tok, (ema or model).eval(), labels, args.seed, args.cfg)[-1]  # the EMA: what is sampled
-            dar.save_grid(images, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)
+            grid = dar.sample(tok, (ema or model).eval(), labels, args.seed, args.cfg)[-1]  # the EMA: what is sampled
+            dar.save_grid(grid, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)
             model.train()
     dar.catch_stop(False)
     if stopping:  # one line, and a non-zero exit status: the run did not finish
