@@ -32,7 +32,7 @@ import dar
 
 # Run settings per preset (the flags' defaults). The paper's: AdamW 4e-4, weight decay 0.05, batch 1024,
 # 300 epochs of ImageNet (1,281,167 images: 375,300 steps), decaying to 1e-5 over the last 50 (62,550
-# steps), ten crops. GPT-small's samples stop improving after ~400 steps (README); GPT-tiny: the tests.
+# steps), ten crops. GPT-small's samples stop improving by 500 steps (README); GPT-tiny: the tests.
 RUN_DEFAULTS = {
     **{p: dict(data=None, global_batch=1024, max_steps=375_300, decay_steps=62_550, lr=4e-4, ema_decay=0.0,
                cfg=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000, sample_every=1000)
