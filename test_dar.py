@@ -610,6 +610,10 @@ def test_ar_training_overfits_with_extracted_codes(image_folder, tiny_tokenizer_
     gpt = dar.GPT.from_pretrained(str(out / "ckpt.pt"))
     assert gpt.classes == ["a", "b"] and gpt.tokenizer == str(tiny_tokenizer_ckpt)
     assert dar.load_models(str(out / "ckpt.pt"))[2] == str(tiny_tokenizer_ckpt)
+    other = tmp_path / "other.pt"  # resumed with a tokenizer of another codebook: refused in one line
+    dar.save_checkpoint(str(other), dar.Tokenizer(dar.tokenizer_config("tokenizer_tiny", codebook_size=32)))
+    with pytest.raises(dar.CheckpointError, match="do not belong together"):
+        train_ar.main(argv + ["--max-steps", "41", "--tokenizer", str(other)])
     # --online-encode (the official way) and the reversed order, which the checkpoint records
     train_ar.main(argv[:-8] + ["--out", str(tmp_path / "ar3"), "--online-encode", "--global-batch", "8",
                                "--max-steps", "3", "--reverse-tokens", *TINY])

@@ -160,7 +160,6 @@ def finetune_start(args, tok, num_classes, log):
     """The GPT of --init-from (EMA weights when it has them) for num_classes classes: the classes both
     class tables have keep their rows, new rows are drawn as at init, the null class row stays last."""
     gpt = dar.GPT.from_pretrained(args.init_from, block_size=tok.cfg.num_tokens).train()
-    dar.check_pair(tok, gpt)
     old, dim = gpt.cfg.num_classes, gpt.cfg.dim
     log(f"starting from {args.init_from}: {gpt.cfg.n_layer} layers, dim {dim}, {old} classes")
     if num_classes != old:
@@ -193,6 +192,7 @@ def main(argv=None):
     else:
         model = dar.GPT(dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size, block_size=tok.cfg.num_tokens,
                                        num_classes=len(images.classes)))
+    dar.check_pair(tok, model)                       # a resumed or fine-tuned GPT writes this tokenizer's codes
     model.cfg.class_dropout, model.cfg.reverse_tokens = args.class_dropout, args.reverse_tokens  # saved with it
     model.to(device).grad_checkpointing = args.grad_checkpointing
     optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, fused=cuda)
