@@ -1488,9 +1488,9 @@ def resume_checkpoint(args, log, master):
     if args.no_resume or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path)
-    old = ckpt["args"]
+    old, same = ckpt["args"], lambda d: os.path.realpath(d) if d and os.path.exists(d) else d  # a folder by any path
     for flag in ("preset", "data"):
-        if old[flag] != getattr(args, flag):
+        if same(old[flag]) != same(getattr(args, flag)):
             raise ValueError(f"{path} is a run of --{flag} {old[flag]}, not {getattr(args, flag)}: train into "
                              f"another --out, or start afresh with --no-resume")
     changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]

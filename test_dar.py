@@ -689,7 +689,7 @@ def test_resume_refuses_another_preset_or_data_and_lists_what_changed(image_fold
     for flag, value in (("--data", "fashion-mnist"), ("--preset", "tokenizer_small")):
         with pytest.raises(ValueError, match=f"a run of {flag} .*--out.*--no-resume"):
             train_tokenizer.main(base + [flag, value])
-    train_tokenizer.main(base + ["--max-steps", "4", "--lr", "2e-3"])
+    train_tokenizer.main(base + ["--max-steps", "4", "--lr", "2e-3", "--data", f"{image_folder}/"])  # the same folder
     log = open(tmp_path / "log.txt").read()
     assert "resuming from" in log and "at step 2 (" in log and "--max-steps 2 -> 4" in log and "--lr 0.001 -> 0.002" in log
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4] and metrics(tmp_path)[2]["loss"] != 9.0
