@@ -319,15 +319,15 @@ def main(argv=None):
     else:
         # the reference: an ADM batch's mu / sigma (checked before any image is fed), its images (where it
         # has them) for precision / recall
-        keys = {"arr_0"} if os.path.isdir(args.ref) else set(np.load(args.ref).files)
-        stats = None
-        if {"mu", "sigma"} <= keys:
+        keys, stats = {"arr_0"}, None
+        if not os.path.isdir(args.ref):
             with np.load(args.ref) as z:
-                stats = z["mu"], z["sigma"]
-            if len(stats[0]) != net.dim:
-                raise ValueError(f"--ref {args.ref}: its mu / sigma are of {len(stats[0])} features, the network "
-                                 f"gives {net.dim}: computed with another network (--inception)?")
-        elif "arr_0" not in keys:
+                keys = set(z.files)
+                stats = (z["mu"], z["sigma"]) if {"mu", "sigma"} <= keys else None
+        if stats and len(stats[0]) != net.dim:
+            raise ValueError(f"--ref {args.ref}: its mu / sigma are of {len(stats[0])} features, the network "
+                             f"gives {net.dim}: computed with another network (--inception)?")
+        if not stats and "arr_0" not in keys:
             raise ValueError(f"--ref {args.ref}: neither images (arr_0) nor statistics (mu, sigma) in the .npz")
         pool = file_features(net, args.ref, None, args.batch_size, "reference")["pool"] if "arr_0" in keys else None
         ref = dict(pool=pool, n=None if pool is None else len(pool),
