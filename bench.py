@@ -4,7 +4,7 @@ the training step of either stage, and sampling (AR generation, pixel decoding, 
 
     python bench.py tokenizer --preset tokenizer_v1 --batch-size 64       # img/s, TFLOP/s, peak memory
     python bench.py ar --preset GPT-L --batch-size 64                     # tok/s (tokenizer_v1's 256 of 16384)
-    python bench.py sample --preset GPT-L --batch-size 64 --cfg 1.1,8.0   # with tokenizer_v1
+    python bench.py sample --preset GPT-L --batch-size 64 --guidance 1.1,8.0   # with tokenizer_v1
     python bench.py sample --preset GPT-small --tokenizer-preset tokenizer_small --batch-size 8
 
 Each figure is the median of --repeats runs after a warm-up run (which also compiles). --peak-tflops
@@ -19,14 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dar
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=dar.HelpFormatter)
+p = dar.parser(__doc__)
 p.add_argument("stage", choices=["tokenizer", "ar", "sample"], help="what to time")
-p.add_argument("--preset", help="the model: a tokenizer preset (stage tokenizer) or a GPT preset; "
+p.add_argument("--preset", choices=sorted({**dar.TOKENIZER_PRESETS, **dar.GPT_PRESETS}), help="the model: a tokenizer preset (stage tokenizer) or a GPT preset; "
                "None: tokenizer_v1 / GPT-L")
-p.add_argument("--tokenizer-preset", default="tokenizer_v1", help="stages ar and sample: the tokenizer whose "
+p.add_argument("--tokenizer-preset", default="tokenizer_v1", choices=sorted(dar.TOKENIZER_PRESETS), help="stages ar and sample: the tokenizer whose "
                "codes the GPT writes (and which decodes them)")
 p.add_argument("--batch-size", type=dar.positive_int, default=8, help="images (sequences) per step or sampling")
-p.add_argument("--cfg", type=dar.parse_guidance, default=1.0, help="sample: guidance (> 1 doubles the AR batch)")
+p.add_argument("--guidance", type=dar.parse_guidance, default=1.0, help="sample: guidance (> 1 doubles the AR batch)")
 p.add_argument("--repeats", type=dar.positive_int, default=5, help="timed runs (median)")
 p.add_argument("--peak-tflops", type=dar.positive_float, help="the device's peak (989 for an H100 / H200 in bf16 "
                "dense): prints MFU")
@@ -35,12 +35,17 @@ p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autoc
                "weights too); None: on with cuda")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
 p.add_argument("--grad-checkpointing", action="store_true", help="training stages: recompute activations")
-p.add_argument("--threads", type=dar.positive_int, help="compute threads; None: the cores")
+p.add_argument("--threads", type=dar.threads, help="compute threads; None: the cores")
 args = p.parse_args()
+if args.preset and (args.preset in dar.TOKENIZER_PRESETS) != (args.stage == "tokenizer"):
+    p.error(f"--preset {args.preset}: not a preset of the {args.stage} stage")
 bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
 use_compile = args.device == "cuda" if args.compile is None else args.compile
 device, cuda = torch.device(args.device), args.device == "cuda"
-dar.setup(args.device, args.threads)
+try:
+    dar.setup(args.device, args.threads)
+except ValueError as e:
+    p.error(str(e))
 torch.manual_seed(0)
 
 
@@ -102,16 +107,17 @@ if args.stage in ("tokenizer", "ar"):
 else:
     tok = dar.Tokenizer(tok_cfg).to(device).eval()
     gpt = dar.GPT(dar.gpt_config(args.preset or "GPT-L", vocab_size=tok_cfg.codebook_size, block_size=N))
-    gpt, dit, decode_fn = dar.prepare_sampling(tok, gpt.to(device).eval(), bf16, use_compile)
+    gpt = gpt.to(device).eval()
+    dar.prepare_sampling(tok, gpt, bf16, use_compile)
     labels = torch.randint(0, gpt.cfg.num_classes, (B,), device=device)
     codes = torch.randint(0, tok_cfg.codebook_size, (B, N), device=device)
     # the two halves alone (the Llama writing N tokens; the decoder's steps on known codes), then the
     # streamed whole (dar.sample, as sample.py draws), which interleaves them
-    t_ar = median_seconds(lambda: list(dar.generate_stream(gpt, labels, N, args.cfg, decode_fn=decode_fn)))
+    t_ar = median_seconds(lambda: list(dar.generate_stream(gpt, labels, N, args.guidance)))
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        t_px = median_seconds(lambda: list(tok.decode_steps(codes, dit=dit)))
-    t_all = median_seconds(lambda: dar.sample(tok, gpt, labels, 0, args.cfg, bf16=bf16, dit=dit, decode_fn=decode_fn))
-    print(f"sample {args.preset or 'GPT-L'} + {args.tokenizer_preset} | batch {B} | cfg {args.cfg} | {name} | "
+        t_px = median_seconds(lambda: list(tok.decode_steps(codes)))
+    t_all = median_seconds(lambda: dar.draw(tok, gpt, labels, 0, args.guidance, bf16=bf16))
+    print(f"sample {args.preset or 'GPT-L'} + {args.tokenizer_preset} | batch {B} | guidance {args.guidance} | {name} | "
           f"compile {use_compile} | bf16 {bf16}\n"
           f"  AR generation   {t_ar:8.3f} s  {B * N / t_ar:10.1f} tokens/s  {t_ar / N * 1e3:.2f} ms per token step\n"
           f"  pixel decoding  {t_px:8.3f} s  {B / t_px:10.2f} images/s ({tok_cfg.sample_steps} steps)\n"

@@ -40,7 +40,10 @@ shapes are noted in comments, e.g. (B, N, D).
 """
 
 import argparse
+import copy
+import fcntl
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -48,7 +51,9 @@ import os
 import random
 import re
 import signal
-from dataclasses import asdict, dataclass
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import numpy as np
@@ -101,6 +106,10 @@ class TokenizerConfig:
                                 # the official code: each block starts as the identity)
 
     def __post_init__(self):
+        small = [k for k, v in asdict(self).items() if v <= 0 and k not in ("repa_dim", "repa_layer",
+                                                                           "gate_init")]
+        if small:
+            raise ValueError(f"{small[0]} must be > 0")
         if self.num_tokens % self.num_groups or self.num_tokens > self.max_tokens:
             raise ValueError(f"{self.num_tokens} tokens must split into {self.num_groups} equal groups and "
                              f"fit the {self.max_tokens} query rows")
@@ -135,6 +144,10 @@ class GPTConfig:
     ffn_hidden: int = 0         # derived: multiple_of above int(2 * 4 dim / 3) (Llama's SwiGLU sizing)
 
     def __post_init__(self):
+        small = [k for k in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes",
+                             "multiple_of") if getattr(self, k) <= 0]
+        if small:
+            raise ValueError(f"{small[0]} must be > 0")
         self.head_dim = self.head_dim or self.dim // self.n_head
         if not self.ffn_hidden:
             hidden = int(2 * 4 * self.dim / 3)
@@ -490,15 +503,15 @@ class PixelDiT(nn.Module):
 def shift_time(t, beta):
     """Uniform time u -> diffusion time u / (u + beta (1 - u)) (eq. 8). Eq. 5 writes the inverse
     map, diffusion time -> the uniform axis on which the K groups are evenly spaced; the code draws
-    u, picks the group from it and shifts it into the diffusion time, which is the same schedule.
-    With beta = 2 the groups crowd towards t = 0, so the early (coarse) steps, where the image is
-    mostly noise, get more of the token budget."""
+    u, picks the group from it and shifts it into the diffusion time: the same schedule. With
+    beta = 2 the groups crowd towards t = 0, so the early (coarse) steps, where the image is mostly
+    noise, get more of the token budget."""
     return t / (t + beta * (1 - t))
 
 
 def group_index(t_u, K):
-    """Group used at uniform time t_u: g = clamp(floor(t_u K + 1/2), 0, K-1), so group i is centred
-    on t_u = i/K. (The official code rounds; the paper writes ceil(t' K).) Works on floats and
+    """Group used at uniform time t_u: g = clamp(floor(t_u K + 1/2), 0, K-1), so group i is
+    centred on t_u = i/K (the official code rounds; the paper writes ceil(t' K)). Floats and
     tensors."""
     if torch.is_tensor(t_u):
         return (t_u * K + 0.5).floor().long().clamp(0, K - 1)
@@ -507,56 +520,20 @@ def group_index(t_u, K):
 
 def sampling_schedule(steps, K, beta):
     """Sampling times and groups for `steps` decoder steps (eq. 8): t_i = shift(i / steps) for
-    i = 0..steps-1, then t = 1, as a float32 tensor (steps + 1,); step i uses group g(i / steps).
-    With steps = K (the default) each group conditions exactly one step, the one its training
-    times were centred on."""
+    i = 0..steps-1, then t = 1, a float32 tensor (steps + 1,); step i uses group g(i / steps).
+    With steps = K (the default) each group conditions one step, the one its training times were
+    centred on."""
     t_u = [i / steps for i in range(steps)]
     times = shift_time(torch.tensor(t_u + [1.0], dtype=torch.float32), beta)
     return times, [group_index(t, K) for t in t_u]
 
 # -----------------------------------------------------------------------------
-# section 8. The sampler (eq. 8): Euler or Adams-Bashforth 2 over the shifted time grid, in one
-# loop; previews come with every step, and streaming only feeds the loop its groups late
-
-@dataclass
-class DecodeState:
-    """Where a decoding is after `step` of `steps` ODE steps: x_t (data_std units), the last velocity
-    (Adams-Bashforth 2 needs it) and the preview of the last step in image units (the decoded image
-    once step == steps). A state can be kept and the loop resumed from it."""
-    x: torch.Tensor                       # (B, 3, H, W)
-    steps: int
-    sampler: str = "adams2"
-    step: int = 0
-    v_prev: Optional[torch.Tensor] = None
-    preview: Optional[torch.Tensor] = None
-
-
-def ode_steps(velocity, state, times, data_std):
-    """Integrate dx/dt = v from state.step to the end of the time grid `times` (steps + 1,), yielding
-    the DecodeState after every step; velocity(x, t_i, i) -> v (B, 3, H, W).
-        Euler:                    x_{i+1} = x_i + (t_{i+1} - t_i) v_i
-        Adams-Bashforth 2 (AB2):  x_{i+1} = x_i + (t_{i+1} - t_i) (3/2 v_i - 1/2 v_{i-1})
-    AB2 extrapolates the velocity linearly from the last two evaluations: second order for one
-    network call per step (paper Table 2: rFID 1.52 against Euler's 1.58 at 8 steps); its first step
-    is Euler. The preview takes the same direction d straight to t = 1 (the official clip_steps):
-    x1_hat = x_i + (1 - t_i) d, the image as seen from the groups used so far; after the last step
-    it is the image itself. Previews and outputs leave the data_std units."""
-    if state.sampler not in ("euler", "adams2"):
-        raise ValueError(f"unknown sampler {state.sampler!r}: use 'euler' or 'adams2'")
-    x, v_prev = state.x, state.v_prev
-    for i in range(state.step, state.steps):
-        v = velocity(x, times[i], i)
-        d = v if state.sampler == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
-        preview = (x + (times[-1] - times[i]) * d) * (1.0 / data_std)
-        x, v_prev = x + (times[i + 1] - times[i]) * d, v
-        yield DecodeState(x, state.steps, state.sampler, i + 1, v, preview)
-
-# -----------------------------------------------------------------------------
-# section 9. The sequential diffusion tokenizer, and its training objective (eq. 7)
+# section 8. The sequential diffusion tokenizer: its decoding loop (eq. 8) and its training
+# objective (eq. 7)
 
 class Tokenizer(nn.Module):
-    """Encoder + quantiser + token decoder + pixel DiT. encode() gives codes, decode() pixels, and
-    forward() is one training step's losses."""
+    """Encoder + quantiser + token decoder + pixel DiT. encode() gives codes, decode_steps() the
+    sampler's loop, and forward() one training step's losses."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -568,7 +545,7 @@ class Tokenizer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # transformer blocks: truncated-normal(0.02) linears with zero bias (affine norms keep 1, 0)
+        # transformer blocks: truncated-normal(0.02) linears, zero biases (affine norms keep 1, 0)
         for block in [*self.encoder.blocks, *self.decoder.blocks, *self.dit.blocks]:
             for m in block.modules():
                 if isinstance(m, nn.Linear):
@@ -592,13 +569,12 @@ class Tokenizer(nn.Module):
         with torch.no_grad():
             w = self.quantizer.codebook.weight
             w.copy_(F.normalize(w.uniform_(-1.0 / V, 1.0 / V), dim=-1))
-        # patch_embed, query_proj, to_code, from_code, cond_proj, x_embed and the REPA projector keep
-        # PyTorch's default (Kaiming-uniform) init, as in the official code
+        # patch_embed, query_proj, to_code, from_code, cond_proj, x_embed and the REPA projector
+        # keep PyTorch's default (Kaiming-uniform) init, as in the official code
 
     def set_grad_checkpointing(self, on=True):
-        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = self.dit.grad_checkpointing = on
-
-    # --- inference -----------------------------------------------------------
+        for m in (self.encoder, self.decoder, self.dit):
+            m.grad_checkpointing = on
 
     @torch.no_grad()
     def encode(self, images):
@@ -614,50 +590,51 @@ class Tokenizer(nn.Module):
         return self.decoder(self.quantizer.lookup(codes))
 
     @torch.no_grad()
-    def sample(self, cond_group, state, dit=None):
-        """The decoder's loop (section 8) from `state`, yielding the state after each step. Step i
-        is conditioned on group g(i) of z' (eq. 8), which cond_group(g) -> (B, N/K, dec_dim)
-        provides only when step i needs it, so the groups may arrive one at a time (streaming).
-        dit is the velocity network: self.dit, or a compiled or timed wrapper of it."""
-        cfg, dit = self.cfg, self.dit if dit is None else dit
-        # t_0 = 0 < t_1 < ... < t_steps = 1 on the shifted grid; group groups[i] drives step i
-        times, groups = sampling_schedule(state.steps, cfg.num_groups, cfg.time_shift)
-        times = times.to(state.x.device)
+    def decode_steps(self, codes, noise=None, solver="adams2", steps=None, stream=None):
+        """The sampler (eq. 8): decode codes (B, N) from noise x_0 ~ N(0, I) (B, 3, H, W), yielding
+        after each step the image as seen so far, the last being the decoded image. Step i
+        integrates dx/dt = v(x, t, group g(i) of z') over [t_i, t_{i+1}] of the shifted grid:
+            Euler:                    x_{i+1} = x_i + (t_{i+1} - t_i) v_i
+            Adams-Bashforth 2 (AB2):  x_{i+1} = x_i + (t_{i+1} - t_i) (3/2 v_i - 1/2 v_{i-1})
+        AB2 extrapolates the velocity from the last two evaluations: second order for one network
+        call a step (Table 2: rFID 1.52 against Euler's 1.58 at 8 steps); its first step is Euler.
+        What each step yields takes its direction d straight to t = 1 (the official clip_steps):
+        x1_hat = x_i + (1 - t_i) d, the image as seen from the groups used so far (a preview);
+        after the last step, where 1 - t_i = t_{i+1} - t_i, it is the image itself.
+        Streaming: with `stream`, an iterator of (B,) tokens (the Llama's), the codes are written
+        into `codes` as the steps need their groups; z' is causal (rows < n depend on the first n
+        codes only), so each step runs as soon as its 32 tokens exist."""
+        if solver not in ("euler", "adams2"):
+            raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'adams2'")
+        cfg, B, G = self.cfg, codes.shape[0], self.cfg.group_size
+        S, N = cfg.image_size, cfg.num_tokens
+        times, groups = sampling_schedule(steps or cfg.sample_steps, cfg.num_groups, cfg.time_shift)
+        x = torch.randn(B, 3, S, S, device=codes.device) if noise is None else noise
+        n, z, v_prev = (0 if stream else N), None, None  # n codes known; z = z' of them
+        for i, g in enumerate(groups):
+            if z is None or n < (g + 1) * G:             # the Llama writes up to group g's end
+                while n < (g + 1) * G:
+                    codes[:, n], n = next(stream), n + 1
+                z = self.cond_tokens(codes)              # (B, N, dec_dim); rows >= n unread
+            t, dt = times[i].item(), (times[i + 1] - times[i]).item()
+            v = self.dit(x, torch.full((B,), t, device=x.device), z[:, g * G:(g + 1) * G])[0]
+            d = v if solver == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
+            yield (x + (1 - t) * d) / cfg.data_std       # x1_hat, in image units
+            x, v_prev = x + dt * d, v
+        while n < N:  # fewer steps than groups skip the last groups: the sequence is finished
+            codes[:, n], n = next(stream), n + 1
 
-        def velocity(x, t, i):
-            return dit(x, t.expand(x.shape[0]), cond_group(groups[i]))[0]
-        yield from ode_steps(velocity, state, times, cfg.data_std)
+    def decode(self, codes, noise=None, solver="adams2", steps=None):
+        """codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1] (decode_steps' last)."""
+        *_, images = self.decode_steps(codes, noise, solver, steps)
+        return images
 
-    @torch.no_grad()
-    def decode_steps(self, codes, noise=None, sampler="adams2", steps=None, state=None, dit=None):
-        """Decode codes (B, N), yielding the DecodeState after each step: state.preview after step k
-        is the image as seen from the groups used so far (the first k with one step per group),
-        after the last step the decoded image. Pass `state` to continue a decoding that stopped part
-        way."""
-        z = self.cond_tokens(codes)                                         # (B, N, dec_dim)
-        if state is None:
-            if noise is None:
-                S = self.cfg.image_size
-                noise = torch.randn(codes.shape[0], 3, S, S, device=codes.device, dtype=z.dtype)
-            state = DecodeState(noise, steps or self.cfg.sample_steps, sampler)  # x_t at t = 0: N(0, I)
-        G = self.cfg.group_size
-        yield from self.sample(lambda g: z[:, g * G:(g + 1) * G], state, dit)
-
-    def decode(self, codes, noise=None, sampler="adams2", steps=None):
-        """codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1]. `noise` (B, 3, H, W) is the
-        sampler's initial N(0, I) draw (fresh when None); `steps` defaults to K."""
-        for state in self.decode_steps(codes, noise, sampler, steps):
-            pass
-        return state.preview
-
-    # --- training ------------------------------------------------------------
-
-    def forward(self, images, t=None, noise=None, repa=False):
-        """One training forward on images (B, 3, H, W) in [-1, 1]. t (B,) ~ U[0, 1) picks both the
+    def forward(self, images, t_u=None, noise=None, repa=False):
+        """One training forward on images (B, 3, H, W) in [-1, 1]. t_u (B,) ~ U[0, 1) picks the
         group (eq. 5) and, shifted, the diffusion time; noise (B, 3, H, W) is x0. Both are drawn
-        when None. Returns a dict of the losses and what the perceptual / REPA losses need."""
+        when None. -> a dict of the losses and what the perceptual / REPA losses need."""
         cfg, B = self.cfg, images.shape[0]
-        t_u = torch.rand(B, device=images.device) if t is None else t
+        t_u = torch.rand(B, device=images.device) if t_u is None else t_u
         x0 = torch.randn_like(images) if noise is None else noise
 
         # encode and quantise; the VQ losses count tokens up to the last one of the chosen group
@@ -665,12 +642,13 @@ class Tokenizer(nn.Module):
         group = group_index(t_u, cfg.num_groups)                        # (B,)
         start = group * cfg.group_size
         idx = torch.arange(cfg.num_tokens, device=images.device)
-        vq_loss, commit_loss = self.quantizer.losses(z_q, z, idx <= (start + cfg.group_size - 1)[:, None])
+        used = idx <= (start + cfg.group_size - 1)[:, None]             # (B, N)
+        vq_loss, commit_loss = self.quantizer.losses(z_q, z, used)
         z_q = z + (z_q - z).detach()                                    # straight-through
 
         # z' of the chosen group conditions the DiT
-        cond = self.decoder(z_q)                                        # (B, N, D)
-        cond = cond[torch.arange(B, device=images.device)[:, None], start[:, None] + idx[:cfg.group_size]]
+        rows = start[:, None] + idx[:cfg.group_size]                    # (B, N/K)
+        cond = self.decoder(z_q)[torch.arange(B, device=images.device)[:, None], rows]
 
         # flow matching (eqs. 2-4): x_t = t x1 + (1 - t) x0, target v = x1 - x0, in data_std units
         t = shift_time(t_u, cfg.time_shift)
@@ -678,10 +656,10 @@ class Tokenizer(nn.Module):
         x1 = images * cfg.data_std
         x_t = te * x1 + (1 - te) * x0
         v_pred, repa_feats = self.dit(x_t, t, cond, repa=repa)
-        # dividing by data_std^2 puts the loss on the scale of image pixels: the jump estimate below
-        # errs by (1 - t)(v_pred - v) / data_std in image units
+        # dividing by data_std^2 puts the loss on the scale of image pixels: the jump estimate
+        # below errs by (1 - t)(v_pred - v) / data_std in image units
         fm_loss = F.mse_loss(v_pred, x1 - x0) / cfg.data_std ** 2
-        # jump estimate x1_hat = x_t + (1 - t) v, back in image units: LPIPS (eq. 7) compares it
+        # the jump estimate x1_hat = x_t + (1 - t) v, in image units: LPIPS (eq. 7) compares it
         # with the input
         x1_hat = (x_t + (1 - te) * v_pred) / cfg.data_std
         return dict(fm_loss=fm_loss, vq_loss=vq_loss, commit_loss=commit_loss, x1_hat=x1_hat,
@@ -689,20 +667,20 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source="tokenizer_v1", use_ema=True):
-        """From a released name (tokenizer_v1) or a checkpoint, ours or official (its EMA); section 13."""
+        """A released name (tokenizer_v1) or a checkpoint, ours or official (its EMA); section 12."""
         return load_model(find_weights(source, "tokenizer"), "tokenizer", use_ema)
 
 
 def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5):
     """The tokenizer's training objective, eq. 7, for images (B, 3, H, W) in [-1, 1]:
         loss = l_fm + l_VQ + lambda_1 LPIPS(I, x1_hat) + lambda_2 l_repa        (lambda = 0.5)
-    l_fm: flow matching on the group picked for each image (eqs. 2-5); l_VQ: section 3's pair; LPIPS
-    compares the input with the one-jump estimate x1_hat = x_t + (1 - t) v, so every time also learns
-    to jump to a sharp image (what lets 8 steps suffice); l_repa = 1 - cos(the DiT's projected
-    features, a frozen encoder's patch tokens) aligns the DiT with a strong representation. lpips(a, b)
-    -> (B, 1, 1, 1) (VGG16 in the paper) and repa_target(images) -> (B, M, C) (DINOv2 ViT-B/14, 16 x 16
-    x 768) are passed in, None leaves a term out; tok may be wrapped (DDP, compile). -> the loss, its
-    terms (tensors), the codes (B, N)."""
+    l_fm: flow matching on the group picked for each image (eqs. 2-5); l_VQ: section 3's pair;
+    LPIPS compares the input with the one-jump estimate x1_hat = x_t + (1 - t) v, so every time
+    also learns to jump to a sharp image (what lets 8 steps suffice); l_repa = 1 - cos(the DiT's
+    projected features, a frozen encoder's patch tokens) aligns the DiT with a strong
+    representation. lpips(a, b) -> (B, 1, 1, 1) (VGG16 in the paper) and repa_target(images) ->
+    (B, M, C) (DINOv2 ViT-B/14: 16 x 16 x 768) are passed in; None leaves a term out. tok may be
+    wrapped (DDP, compile). -> the loss, its terms (tensors), the codes (B, N)."""
     out = tok(images, repa=repa_target is not None)
     terms = dict(fm=out["fm_loss"], vq=out["vq_loss"], commit=out["commit_loss"])
     loss = out["fm_loss"] + out["vq_loss"] + out["commit_loss"]
@@ -713,15 +691,14 @@ def tokenizer_loss(tok, images, lpips=None, repa_target=None, lpips_weight=0.5, 
         target = repa_target(images)                                        # (B, M, C)
         feats = out["repa_feats"]                                           # (B, n, C)
         if feats.shape[1] != target.shape[1]:
-            # the DiT pools its features to at most 16 x 16 (PixelDiT.repa_features); below 256 px
-            # its grid is smaller, so the target's square grid is pooled down to it
+            # the DiT pools its features to at most 16 x 16 (PixelDiT.repa_features); below
+            # 256 px its grid is smaller, so the target's square grid is pooled down to it
             side, tside = math.isqrt(feats.shape[1]), math.isqrt(target.shape[1])
             grid = target.transpose(1, 2).unflatten(2, (tside, tside))
             target = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
         terms["repa"] = (1 - F.cosine_similarity(feats.float(), target.float(), dim=-1)).mean()
         loss = loss + repa_weight * terms["repa"]
     return loss, terms, out["codes"]
-
 # -----------------------------------------------------------------------------
 # section 10. The autoregressive model (eq. 6): Llama (LlamaGen's GPT), with a static KV cache
 
@@ -892,6 +869,17 @@ class GPT(nn.Module):
             h = layer(h, rope, cache, pos, mask)
         return self.output(self.norm(h)).float()
 
+    def prefill(self, labels, prefix):
+        """Class token and fixed prefix tokens (B, P) through the cache at positions 0..P -> the
+        logits (B, V) of the next token."""
+        h = self.embed(labels, prefix)
+        return self.forward_cached(h, torch.arange(h.shape[1], device=h.device))[:, -1]
+
+    def decode_one(self, token, pos):
+        """token (B,) at position pos (1,) -> next-token logits (B, V): the step generation
+        repeats, which prepare_sampling may replace by its compiled version (gpt-fast)."""
+        return self.forward_cached(self.tok_embed(token)[:, None], pos)[:, -1]
+
     @classmethod
     def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):
         """From a released name (D-AR-L, D-AR-XL) or a checkpoint, ours or official (its EMA); section 13."""
@@ -939,24 +927,13 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     return torch.argmax(probs / -torch.log(torch.rand_like(probs)), dim=-1)
 
 
-def prefill(gpt, labels, prefix):
-    """Class token (and fixed prefix tokens) through the cache at positions 0..P -> last logits."""
-    h = gpt.embed(labels, prefix)
-    return gpt.forward_cached(h, torch.arange(h.shape[1], device=h.device))[:, -1]
-
-
-def decode_one_token(gpt, token, pos):
-    """token (B,) at position pos (1,) -> next-token logits (B, V)."""
-    return gpt.forward_cached(gpt.tok_embed(token)[:, None], pos)[:, -1]
-
-
 @torch.no_grad()
-def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                    prefix=None, decode_fn=decode_one_token):
-    """Sample eq. 6 left to right: yield the tokens (B,) of positions 0..N-1 one at a time. `prefix`
-    (B, P) fixes the first P tokens (zero-shot layout control): they are fed in the prefill and
-    yielded as they are. With guidance, conditional and unconditional rows run as one batch of 2B
-    rows. decode_fn is the one-token step (decode_one_token, or a compiled version of it)."""
+def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0,
+                    top_p=1.0, prefix=None):
+    """Sample eq. 6 left to right: yield the tokens (B,) of positions 0..N-1 one at a time.
+    `prefix` (B, P) fixes the first P tokens (zero-shot layout control): they are fed in the
+    prefill and yielded as they are. With guidance, conditional and unconditional rows run as one
+    batch of 2B rows."""
     N = num_tokens or gpt.cfg.block_size
     B, device = labels.shape[0], labels.device
     prefix = labels.new_zeros(B, 0) if prefix is None else prefix.to(device)
@@ -967,68 +944,48 @@ def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0,
     # guidance costs a second batch (the null class); with a scale of 1 everywhere it is skipped
     scales = guidance_schedule(guidance, N).tolist()
     guided = any(s != 1.0 for s in scales)
-    rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
+    null = torch.full_like(labels, gpt.cfg.num_classes)
+    both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)   # rows [cond ; uncond]
     # positions 0..N-1 are ever fed (class token, then tokens 1..N-1): N + 1 slots suffice
-    gpt.setup_cache(len(rows), N + 1)
-    P = prefix.shape[1]
-    positions = torch.arange(N, device=device)  # slices of it feed decode_fn: no tensor per step
-    logits = prefill(gpt, rows, torch.cat([prefix, prefix]) if guided else prefix)
-    for i in range(P):
-        yield prefix[:, i]
-    for i in range(P, N):
-        next_logits = guided_logits(logits, scales[i]) if guided else logits
-        token = sample_logits(next_logits, temperature, top_k, top_p)
+    gpt.setup_cache(len(labels) * (1 + guided), N + 1)
+    positions = torch.arange(N, device=device)  # slices of it feed decode_one: no tensor a step
+    logits = gpt.prefill(torch.cat([labels, null]) if guided else labels, both(prefix))
+    yield from prefix.unbind(1)
+    for i in range(prefix.shape[1], N):
+        token = sample_logits(guided_logits(logits, scales[i]) if guided else logits,
+                              temperature, top_k, top_p)
         yield token
         if i + 1 < N:
-            logits = decode_fn(gpt, torch.cat([token, token]) if guided else token, positions[i + 1:i + 2])
+            logits = gpt.decode_one(both(token), positions[i + 1:i + 2])
 
 
-def generate(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
-             decode_fn=decode_one_token):
+def generate(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0,
+             prefix=None):
     """labels (B,) -> tokens (B, N) int64 in the tokenizer's order, sampled left to right with the
     KV cache (a model trained on the reversed order writes z_N first; they are flipped back)."""
-    tokens = torch.stack(list(generate_stream(gpt, labels, num_tokens, guidance, temperature, top_k, top_p,
-                                              prefix, decode_fn)), 1)
+    stream = generate_stream(gpt, labels, num_tokens, guidance, temperature, top_k, top_p, prefix)
+    tokens = torch.stack(list(stream), 1)
     return tokens.flip(1) if gpt.cfg.reverse_tokens else tokens
 
 
 @torch.no_grad()
-def generate_images(gpt, tok, labels, noise=None, sampler="adams2", steps=None, dit=None, **gen_kwargs):
-    """Streaming D-AR: the decoder's loop (section 8) asks for group g of z' when its step comes,
-    and the Llama writes tokens until group g is complete, so each diffusion step runs as soon as
-    the 32 tokens it reads exist. Yields (tokens (B, N), DecodeState) after each decoder step; tokens
-    not generated yet are 0. The last state's preview is the image, the same as
-    tok.decode(tokens, noise) gives: z' is causal and each step reads only its own group.
-    gen_kwargs go to generate_stream (guidance, temperature, top_k, top_p, prefix, decode_fn)."""
-    cfg, B = tok.cfg, labels.shape[0]
-    if noise is None:
-        noise = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=labels.device)
+def generate_images(gpt, tok, labels, noise=None, solver="adams2", steps=None, **gen_kwargs):
+    """Streaming D-AR: the Llama's tokens feed the decoder's loop (Tokenizer.decode_steps), which
+    takes group g when its step comes, so each diffusion step runs as soon as the 32 tokens it
+    reads exist. Yields (tokens (B, N), image (B, 3, H, W)) after each decoder step: the image as
+    seen so far, and after the last step the image, the same as tok.decode(tokens, noise) gives
+    (z' is causal and each step reads its own group); tokens not written yet are 0. gen_kwargs go
+    to generate_stream (guidance, temperature, top_k, top_p, prefix)."""
+    N = tok.cfg.num_tokens
     if gpt.cfg.reverse_tokens:  # fine groups come first: no step can run before the whole sequence
         if gen_kwargs.get("prefix") is not None:
-            raise ValueError("a prefix fixes the first (coarse) tokens: not with a model of the reversed order")
-        tokens = generate(gpt, labels, cfg.num_tokens, **gen_kwargs)
-        for state in tok.decode_steps(tokens, noise, sampler, steps, dit=dit):
-            yield tokens, state
-        return
-    stream = generate_stream(gpt, labels, cfg.num_tokens, **gen_kwargs)
-    tokens = labels.new_zeros(B, cfg.num_tokens)   # unknown tokens stay 0: no step reads their rows
-    n, z, G = 0, None, cfg.group_size              # n tokens written so far; z = z' of them
-
-    def cond_group(g):
-        nonlocal n, z
-        if z is None or n < (g + 1) * G:           # write up to the end of group g, refresh z'
-            while n < (g + 1) * G:
-                tokens[:, n] = next(stream)
-                n += 1
-            z = tok.cond_tokens(tokens)            # (B, N, dec_dim); rows >= n are never read
-        return z[:, g * G:(g + 1) * G]
-
-    for state in tok.sample(cond_group, DecodeState(noise, steps or cfg.sample_steps, sampler), dit):
-        if state.step == state.steps:              # fewer steps than groups skip the last groups:
-            for token in stream:                   # finish the sequence all the same
-                tokens[:, n] = token
-                n += 1
-        yield tokens, state
+            raise ValueError("a prefix fixes the first (coarse) tokens: not with a model of the "
+                             "reversed order")
+        tokens, stream = generate(gpt, labels, N, **gen_kwargs), None
+    else:
+        tokens, stream = labels.new_zeros(len(labels), N), generate_stream(gpt, labels, N, **gen_kwargs)
+    for image in tok.decode_steps(tokens, noise, solver, steps, stream):
+        yield tokens, image
 
 
 def ar_loss(gpt, codes, labels, class_dropout, null_class, reverse=False):
@@ -1086,6 +1043,7 @@ def gpt_config(preset, **overrides):
 
 
 # =============================================================================
+# =============================================================================
 #          PART II: what the scripts share (each holds the rest of its stage)
 # =============================================================================
 
@@ -1103,35 +1061,48 @@ class _OfficialConfig(dict):
         self.update(state.get("_data", {}))
 
 
-def one_line(e):
-    """An exception as one line: its type and the first line of its message."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
-
-
 def save_checkpoint(path, model, ema=None, **extra):
-    """Our checkpoint (kind, config as a dict, weights, the EMA's, and what the trainer adds), written
-    to path.tmp, then renamed: a crash leaves the old file or the new one, never half of one."""
+    """Our checkpoint: kind, config (a dict), weights, the EMA's and what the trainer adds. Written
+    to path.tmp, then renamed: a crash leaves the old file or the new one, never half of one, and
+    a failed write (a full disk) leaves the old file and no path.tmp."""
+    kind = "dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(dict(kind="dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt", config=asdict(model.cfg),
-                    model=model.state_dict(), ema=None if ema is None else ema.state_dict(), **extra), f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    try:
+        torch.save(dict(kind=kind, config=asdict(model.cfg), model=model.state_dict(),
+                        ema=None if ema is None else ema.state_dict(), **extra), f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    finally:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
 
 
 def load_checkpoint(path):
-    """torch.load(weights_only=True): a pickle can name any callable to run on load (os.system, say);
-    this refuses all but tensors, containers and the allow-list below, so no file runs code."""
+    """torch.load(weights_only=True): a pickle can name any callable to run on load (os.system,
+    say); this refuses all but tensors, containers and the allow-list below: no file runs code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    safe = [(_OfficialConfig, "config_util.Config"), argparse.Namespace]
     try:
-        with torch.serialization.safe_globals([(_OfficialConfig, "config_util.Config"), argparse.Namespace]):
+        with torch.serialization.safe_globals(safe):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = "it names objects outside the allow-list of safe types" if "weights_only" in str(e) else one_line(e)
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or unsafe ({why})") from None
+        why = "it names objects outside the allow-list" if "weights_only" in str(e) else one_line(e)
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or unsafe "
+                              f"({why})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint dict")
     return ckpt
+
+
+def make_config(cls, d, path):
+    """A config dataclass from a checkpoint's dict; an unknown key or a size of 0 is one line."""
+    try:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return cls(**d)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: not a {cls.__name__} ({e})") from None
 
 
 def tokenizer_config_from_official(c):
@@ -1141,7 +1112,7 @@ def tokenizer_config_from_official(c):
     group = c["num_all_queries"] // c["num_query_groups"]
     if c.get("queries_per_step", group) != group:  # no release has it
         raise CheckpointError("official tokenizer with queries_per_step != N / K: not supported")
-    return TokenizerConfig(  # official name -> ours, field by field; defaults are the official code's
+    return TokenizerConfig(  # official name -> ours; defaults are the official code's
         image_size=c.get("sampling_resolution", 256), patch_size=c["encoder_patch_size"],
         enc_dim=c["encoder_dim"], enc_layers=c["num_encoder_layers"],
         dec_dim=c["decoder_dim"], dec_layers=c["num_decoder_layers"],
@@ -1162,12 +1133,13 @@ def strip_prefixes(sd):
 _TOKENIZER_RENAMES = [
     (r"^encoder_layers\.", "encoder.blocks."), (r"^decoder_layers\.", "decoder.blocks."),
     (r"^patchify\.", "encoder.patch_embed."), (r"^query_embedding\.", "encoder.query_embed."),
-    (r"^query_linear\.", "encoder.query_proj."),
-    (r"^quant_in_conv\.", "encoder.to_code."), (r"^quant_out_conv\.", "decoder.from_code."),
-    (r"^decoder_embedding\.", "decoder.pos_embed."), (r"^quantize\.embedding\.", "quantizer.codebook."),
-    (r"^diff_decoder\.net\.", "dit."), (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
-    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."), (r"\.attention\.", ".attn."),
-    (r"\.adaLN_modulation\.1\.", ".ada."), (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed.")]
+    (r"^query_linear\.", "encoder.query_proj."), (r"^quant_in_conv\.", "encoder.to_code."),
+    (r"^quant_out_conv\.", "decoder.from_code."), (r"^decoder_embedding\.", "decoder.pos_embed."),
+    (r"^quantize\.embedding\.", "quantizer.codebook."), (r"^diff_decoder\.net\.", "dit."),
+    (r"^dit\.cond_mlp\.", "dit.cond_proj."), (r"^dit\.conv_in\.", "dit.x_embed."),
+    (r"^dit\.conv_out\.", "dit.out."), (r"^dit\.repa_out\.", "dit.repa."),
+    (r"\.attention\.", ".attn."), (r"\.adaLN_modulation\.1\.", ".ada."),
+    (r"\.time_embed\.mlp\.", ".t_embed."), (r"\.cond_embed\.", ".c_embed.")]
 
 
 def convert_official_tokenizer(sd):
@@ -1185,7 +1157,8 @@ def convert_official_tokenizer(sd):
     # q, k, v stacked in that order (rows) into qkv; cross-attention's k, v into kv (q reads x)
     for k in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
         base, p = k.rsplit(".q.", 1)
-        out[f"{base}.qkv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.k.{p}"), out.pop(f"{base}.v.{p}")])
+        qkv = [out.pop(f"{base}.{n}.{p}") for n in "qkv"]
+        out[f"{base}.qkv.{p}"] = torch.cat(qkv)
     for k in [k for k in out if re.search(r"\.cross_attn\.k\.(weight|bias)$", k)]:
         base, p = k.rsplit(".k.", 1)
         out[f"{base}.kv.{p}"] = torch.cat([out.pop(k), out.pop(f"{base}.v.{p}")])
@@ -1195,10 +1168,11 @@ def convert_official_tokenizer(sd):
 def convert_official_gpt(sd):
     """Official GPT state dict -> ours: renames, and w1 over w3 in one w13 (as SwiGLU splits it)."""
     renames = {"cls_embedding.embedding_table.": "class_embed.", "tok_embeddings.": "tok_embed.",
-               ".attention.": ".attn.", ".attention_norm.": ".attn_norm.", ".feed_forward.": ".ffn."}
+               ".attention.": ".attn.", ".attention_norm.": ".attn_norm.",
+               ".feed_forward.": ".ffn."}
     out = {}
     for k, v in strip_prefixes(sd).items():
-        if k != "freqs_cis" and ".kv_cache." not in k:  # buffers the official model rebuilds anyway
+        if k != "freqs_cis" and ".kv_cache." not in k:  # buffers the official model rebuilds
             for a, b in renames.items():
                 k = k.replace(a, b)
             out[k] = v
@@ -1210,47 +1184,57 @@ def convert_official_gpt(sd):
 def gpt_config_from_weights(sd, block_size=256):
     """The GPT's size read off converted weights (head_dim is 64 in every D-AR / LlamaGen preset)."""
     vocab, dim = sd["tok_embed.weight"].shape
-    return GPTConfig(dim=dim, n_layer=sum(k.endswith(".attn.wqkv.weight") for k in sd), n_head=dim // 64,
-                     vocab_size=vocab, block_size=block_size, num_classes=sd["class_embed.weight"].shape[0] - 1,
+    return GPTConfig(dim=dim, n_layer=sum(k.endswith(".attn.wqkv.weight") for k in sd),
+                     n_head=dim // 64, vocab_size=vocab, block_size=block_size,
+                     num_classes=sd["class_embed.weight"].shape[0] - 1,
                      ffn_hidden=sd["layers.0.ffn.w13.weight"].shape[0] // 2)
 
 
 def load_model(path, kind, use_ema=True, block_size=None):
-    """A Tokenizer or GPT (kind) from our checkpoint or an official one (known by a key only that model
-    has), EMA weights when asked and present; an official GPT's length is block_size or 256."""
+    """A Tokenizer or GPT (kind) from our checkpoint or an official one (known by a key only that
+    model has), EMA weights when asked and present; an official GPT's length is block_size or 256."""
     ckpt = load_checkpoint(path)
-    sd = ckpt.get("model", ckpt)  # the released GPTs are {"model": state dict}, some a bare state dict
+    sd = ckpt.get("model", ckpt)  # the released GPTs are {"model": state dict}
     keys = " ".join(sd) if isinstance(sd, dict) else ""
-    official = "gpt" if "tok_embeddings.weight" in keys else \
-        "tokenizer" if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict) else None
+    official = ("gpt" if "tok_embeddings.weight" in keys else "tokenizer"
+                if "quantize.embedding.weight" in keys and isinstance(ckpt.get("config"), dict)
+                else None)
     found = ckpt["kind"][4:] if ckpt.get("kind") in ("dar.tokenizer", "dar.gpt") else official
     if found != kind:
-        raise CheckpointError(f"{path} is {f'a D-AR {found}' if found else 'not a D-AR'} checkpoint, expected a {kind}")
+        what = f"a D-AR {found}" if found else "not a D-AR"
+        raise CheckpointError(f"{path} is {what} checkpoint, expected a {kind}")
     sd = ckpt["ema"] if use_ema and ckpt.get("ema") else sd
-    if kind == "tokenizer":
-        cfg, sd = (tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)) if official else \
-            (TokenizerConfig(**ckpt["config"]), strip_prefixes(sd))
-        # the REPA projector is training-only: built only when the file has it (the released one does)
-        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
-        model = Tokenizer(cfg)
+    if kind == "tokenizer" and official:
+        cfg, sd = tokenizer_config_from_official(ckpt["config"]), convert_official_tokenizer(sd)
+    elif kind == "tokenizer":
+        cfg, sd = make_config(TokenizerConfig, ckpt["config"], path), strip_prefixes(sd)
+    elif official:
+        sd = convert_official_gpt(sd)
+        cfg = gpt_config_from_weights(sd, block_size or 256)
     else:
-        sd = convert_official_gpt(sd) if official else strip_prefixes(sd)
-        model = GPT(gpt_config_from_weights(sd, block_size or 256) if official else
-                    GPTConfig(**ckpt["config"]))
-        model.tokenizer, model.classes = ckpt.get("tokenizer"), ckpt.get("classes")  # ours record them
+        cfg, sd = make_config(GPTConfig, ckpt["config"], path), strip_prefixes(sd)
+    if kind == "tokenizer":  # the REPA projector is training-only: built when the file has it
+        cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
+    model = Tokenizer(cfg) if kind == "tokenizer" else GPT(cfg)
+    # ours record what the GPT was trained with: its tokenizer (name or path) and the digest of
+    # that tokenizer's codes (check_pair), and the class names
+    model.tokenizer, model.classes = ckpt.get("tokenizer"), ckpt.get("classes")
+    model.tokenizer_digest = ckpt.get("tokenizer_digest")
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:  # keys or shapes that do not fit, in one line
-        raise CheckpointError(f"{path}: weights do not fit the model: {' '.join(str(e).split())[:400]}") from None
+        why = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{path}: weights do not fit the model: {why}") from None
     return model.eval()
 
 
 # The released checkpoints: a known name is downloaded once into the Hugging Face cache (HF_HOME;
-# HF_ENDPOINT: a mirror; HF_HUB_OFFLINE=1: the cache only); anything else is a path (DiT's find_model)
+# HF_ENDPOINT: a mirror; HF_HUB_OFFLINE=1: the cache only); anything else is a path (DiT's
+# find_model)
 HUB_REPO = "showlab/D-AR"
 RELEASES = {"tokenizer_v1": ("D-AR-tokenizer_v1.pt", "tokenizer"),  # name: (file, kind)
             "D-AR-L": ("D-AR-L-360K.pt", "gpt"), "D-AR-XL": ("D-AR-XL-360K.pt", "gpt")}
-PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's linear CFG schedules
+PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's linear schedules
 
 
 def find_weights(source, kind):
@@ -1266,30 +1250,67 @@ def find_weights(source, kind):
     from huggingface_hub import hf_hub_download  # imported here: only names need it
     try:
         return hf_hub_download(HUB_REPO, file)
-    except Exception as e:  # offline with an empty cache, a mirror without the file, a full disk...
-        raise CheckpointError(f"cannot get {file} ({source}) from the hub or its cache ({type(e).__name__}): "
-                              f"download it from https://huggingface.co/{HUB_REPO} and pass its path, or set "
+    except Exception as e:  # offline with an empty cache, a mirror without the file, a full disk
+        raise CheckpointError(f"cannot get {file} ({source}) from the hub or its cache "
+                              f"({type(e).__name__}): download it from "
+                              f"https://huggingface.co/{HUB_REPO} and pass its path, or set "
                               f"HF_ENDPOINT to a mirror") from None
 
 
-def check_pair(tok, gpt):
+def digest(*modules):
+    """A short key of the modules' weights, by content (sha256 of their bytes): what an output was
+    made from, which a path alone does not tell (a run retrained at the same path)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for t in m.state_dict().values():
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def check_pair(tok, gpt, tok_name, gpt_name):
+    """A GPT writes the codes of one tokenizer: the same shapes, and where its checkpoint records
+    it (ours do; the released ones record nothing) the digest of that tokenizer's encoder and
+    codebook, which decide what each code means."""
     if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens):
-        raise CheckpointError(f"the GPT writes {gpt.cfg.block_size} tokens of {gpt.cfg.vocab_size} codes, the "
-                              f"tokenizer {tok.cfg.num_tokens} of {tok.cfg.codebook_size}: they do not belong together")
+        raise CheckpointError(f"{gpt_name} writes {gpt.cfg.block_size} tokens of "
+                              f"{gpt.cfg.vocab_size} codes, {tok_name} has {tok.cfg.num_tokens} of "
+                              f"{tok.cfg.codebook_size}: they do not belong together")
+    recorded = getattr(gpt, "tokenizer_digest", None)
+    if recorded and recorded != digest(tok.encoder, tok.quantizer):
+        raise CheckpointError(f"{gpt_name} was trained on the codes of another tokenizer than "
+                              f"{tok_name} (its encoder and codebook differ): pass the one the "
+                              f"GPT was trained with")
+
+
+def load_pair(gpt, tokenizer=None, device="cpu"):
+    """(tokenizer, GPT, the tokenizer's name) to sample with: `tokenizer`, else the one a released
+    GPT was trained with (tokenizer_v1), else the one our trainer recorded; checked as a pair."""
+    gpt_path = find_weights(gpt, "gpt")
+    if not tokenizer:
+        tokenizer = "tokenizer_v1" if gpt in RELEASES else load_checkpoint(gpt_path).get("tokenizer")
+        if not tokenizer:
+            raise CheckpointError(f"--gpt {gpt} does not say which tokenizer it was trained with: "
+                                  f"pass --tokenizer")
+    tok = load_model(find_weights(tokenizer, "tokenizer"), "tokenizer").to(device)
+    model = load_model(gpt_path, "gpt", block_size=tok.cfg.num_tokens).to(device)
+    check_pair(tok, model, tokenizer, gpt)
+    return tok, model, tokenizer
 
 # -----------------------------------------------------------------------------
-# section 14. Images: PIL until they enter a model, (3, H, W) floats in [-1, 1] inside, (B, H, W, 3) uint8 out
+# section 14. Images: PIL until they enter a model, (3, H, W) floats in [-1, 1] inside, and
+# (B, H, W, 3) uint8 out
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "boot"]
 
 
 def load_image(path):
     """An RGB PIL image, or ValueError naming the file; 16-bit grey scaled (PIL would clip it)."""
     try:
         with Image.open(path) as im:
-            if im.mode.startswith("I"):  # "I;16..." (16-bit) or "I" (32-bit int, how some 16-bit PNGs open)
+            if im.mode.startswith("I"):  # "I;16..." 16-bit, or "I" (how some 16-bit PNGs open)
                 a = np.asarray(im, dtype=np.float64)
                 top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
                 im = Image.fromarray((a * (255.0 / top)).round().clip(0, 255).astype(np.uint8))
@@ -1307,7 +1328,8 @@ def fit_shorter_side(img, size):
         return canvas
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    return img.resize(tuple(round(s * size / min(img.size)) for s in img.size), resample=Image.BICUBIC)
+    scale = size / min(img.size)
+    return img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
 
 
 def center_crop(img, size):  # ADM's: shorter side to size, then the central square
@@ -1317,16 +1339,18 @@ def center_crop(img, size):  # ADM's: shorter side to size, then the central squ
 
 
 def to_tensor(img):
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1) / 127.5 - 1
 
 
-def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image."""
+    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_image(images, nrow=8):
-    """(B, 3, H, W) in [-1, 1] -> one PIL grid, nrow images a row, 2 px apart; images under 64 px are
-    enlarged (nearest neighbour) to be seen."""
+    """(B, 3, H, W) in [-1, 1] -> one PIL grid, nrow images a row, 2 px apart; images under 64 px
+    are enlarged (nearest neighbour) to be seen."""
     x = to_uint8(images)
     scale = max(1, 64 // x.shape[2])
     x = x.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -1344,8 +1368,23 @@ def save_grid(images, path, nrow=8):
 
 
 def list_images(folder):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
+    """The image files in folder and below, sorted. Links to folders are not followed: a link
+    loop would list its images again and again, and a link to another class's folder would give
+    its images a second class."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder)
                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def load_npz(path):
+    """An .npz, opened (its arrays are read when asked for), never unpickling. Anything else (an
+    .npy, a pickle) is one line naming the file: numpy's message would advise an unsafe load."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception:
+        z = None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz of arrays")
+    return z
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -1361,31 +1400,47 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def image(self, i):
-        return Image.fromarray(self.arrays[i]).convert("RGB") if self.files is None else load_image(self.files[i])
+        if self.files is None:
+            return Image.fromarray(self.arrays[i]).convert("RGB")
+        return load_image(self.files[i])
 
     def __getitem__(self, k):
         epoch, i = divmod(k, len(self))
-        img = self.image(i)
-        return (img if self.transform is None else
-                self.transform(img, random.Random(hash((self.seed, epoch, i))))), self.labels[i]
+        img, rng = self.image(i), random.Random(hash((self.seed, epoch, i)))
+        return (img if self.transform is None else self.transform(img, rng)), self.labels[i]
+
+    def key(self):
+        """What the images are, cheaply: each file's path, size and modification time (arrays:
+        their bytes), and the labels; a cache of their codes or features is keyed by it."""
+        h = hashlib.sha256(json.dumps(self.labels).encode())
+        if self.files is None:
+            h.update(np.ascontiguousarray(self.arrays))
+        for f in self.files or []:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
 
 
 def build_dataset(data, transform=None, train=True, seed=0):
     """--data: an ImageFolder tree (root/<class>/<image>, classes sorted by name, as ImageNet is laid
-    out; its split is the folder) or fashion-mnist (Debian's dataset-fashion-mnist, else torchvision's
-    download): 10 classes of 28x28 grey images."""
+    out; its split is the folder) or fashion-mnist (Debian's dataset-fashion-mnist, else
+    torchvision's download): 10 classes of 28x28 grey images."""
     if data == "fashion-mnist":
         prefix = os.path.join(FASHION_MNIST_DIR, "train" if train else "t10k")
-        if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):  # IDX files: a 16 (8) byte header, then uint8
-            read = lambda f, skip: np.frombuffer(gzip.open(f"{prefix}-{f}-ubyte.gz").read(), np.uint8, offset=skip)
+        if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):  # IDX: a 16 (8) byte header, uint8
+            read = lambda f, skip: np.frombuffer(gzip.open(f"{prefix}-{f}-ubyte.gz").read(),
+                                                 np.uint8, offset=skip)
             x, y = read("images-idx3", 16).reshape(-1, 28, 28), read("labels-idx1", 8)
         else:
             import torchvision
-            ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train, download=True)
+            ds = torchvision.datasets.FashionMNIST(os.path.expanduser("~/.cache/dar"), train=train,
+                                                   download=True)
             x, y = ds.data.numpy(), ds.targets.numpy()
-        return ImageDataset([int(v) for v in y], FASHION_MNIST_CLASSES, arrays=x, transform=transform, seed=seed)
+        return ImageDataset([int(v) for v in y], FASHION_MNIST_CLASSES, arrays=x,
+                            transform=transform, seed=seed)
     if not os.path.isdir(data or ""):
-        raise FileNotFoundError(f"--data {data}: no such directory (expected root/<class>/<image> or fashion-mnist)")
+        raise FileNotFoundError(f"--data {data}: no such directory (expected root/<class>/<image> "
+                                f"or fashion-mnist)")
     classes = sorted(d.name for d in os.scandir(data) if d.is_dir())
     files = {c: list_images(os.path.join(data, c)) for c in classes}
     if not classes or not all(files.values()):
@@ -1394,18 +1449,23 @@ def build_dataset(data, transform=None, train=True, seed=0):
                         files=[f for c in classes for f in files[c]], transform=transform, seed=seed)
 
 # -----------------------------------------------------------------------------
-# section 15. Training: processes, threads, the data order and seeds of an exact resume, EMA
+# section 15. Training: the flags, processes and run directory both trainers share, the data
+# order and seeds of an exact resume, and the end of a step (losses read, checkpoints saved)
 
 # the best device here, as nanoGPT picks it (mps: Apple silicon, untested here)
 DEVICE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def setup(device, threads=None, workers=0):
-    """(rank, world size, torch.device). Under torchrun (RANK set) a process group: NCCL on GPUs, one a
-    process (LOCAL_RANK), gloo on CPUs. Compute threads: --threads, else this process's share of the
-    cores it may use, less its data-loader workers (one thread each, worker_init)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers))
+    """(rank, world size, torch.device). Under torchrun (RANK set) a process group: NCCL on GPUs,
+    one a process (LOCAL_RANK), gloo on CPUs. Compute threads: --threads, else this process's
+    share of the cores it may use, less its data-loader workers (one thread each, worker_init)."""
+    there = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if not there[device]:
+        raise ValueError(f"--device {device}: this machine has no {device} device (use cpu)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers)
+    torch.set_num_threads(threads or share)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     local = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else "cpu"
@@ -1422,56 +1482,134 @@ def worker_init(_):  # a data-loader worker: one thread; Ctrl-C is the main proc
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """One process's micro-batches (`accum` a step), from step `start` on. Epoch e is a permutation
-    seeded with seed + e, cut into global batches; process r takes the r-th slice of each and cuts it
-    into micro-batches, so sample j of a global batch lands in the same slot on any number of processes
-    (1 x 2 micro-batches = 2 x 1) and a resumed run goes on where it stopped. e * n + i: image i, epoch e."""
+    seeded with seed + e, cut into global batches; process r takes the r-th slice of each and cuts
+    it into micro-batches, so sample j of a global batch lands in the same slot on any number of
+    processes (1 x 2 micro-batches = 2 x 1) and a resumed run goes on where it stopped. Item
+    e * n + i: image i in epoch e."""
 
     def __init__(self, n, global_batch, micro_batch, rank, world, seed, start=0):
         self.micro = micro_batch or global_batch // world
         if global_batch % (world * self.micro) or n < global_batch:
-            raise ValueError(f"--global-batch {global_batch} must be processes ({world}) x --micro-batch "
-                             f"({self.micro}) x a whole number, and at most the {n} images of --data")
+            raise ValueError(f"--global-batch {global_batch} must be processes ({world}) x "
+                             f"--micro-batch ({self.micro}) x a whole number, and at most the {n} "
+                             f"images of --data")
         self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
         self.per_rank, self.accum = global_batch // world, global_batch // (world * self.micro)
         self.offset = rank * self.per_rank
 
     def __iter__(self):
+        g = torch.Generator()
         for step in itertools.count(self.start):
             epoch, s = divmod(step, self.n // self.global_batch)
             if step == self.start or s == 0:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+                perm = torch.randperm(self.n, generator=g.manual_seed(self.seed + epoch)).tolist()
             mine = perm[s * self.global_batch + self.offset:][:self.per_rank]
             for m in range(0, self.per_rank, self.micro):
                 yield [epoch * self.n + i for i in mine[m:m + self.micro]]
 
 
 def step_seed(seed, step, micro):
-    """The seed of one micro-batch of one step: everything random in a step (t, noise, dropout, class
-    dropout) is drawn after reseeding with it, so a resumed run draws what the uninterrupted one did,
-    on 1 or N processes."""
+    """The seed of one micro-batch of one step: everything random in a step (t, noise, dropout,
+    class dropout) is drawn after reseeding with it, so a resumed run draws what the uninterrupted
+    one did, on 1 or N processes."""
     return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
+
+
+def get_lr(step, args):
+    """The learning rate of a step: a linear warm-up over --warmup steps, then constant, then a
+    linear decay to 1e-5 over the last --decay-steps (the paper's GPT recipe; the official
+    tokenizer run has no decay: its EMA does the averaging a decay would)."""
+    decay = max(0.0, (step - args.max_steps + args.decay_steps) / max(args.decay_steps, 1))
+    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    return args.lr * warm * (1 - decay) + 1e-5 * decay
 
 
 def make_optimizer(model, lr, weight_decay, beta2, fused=False):
     """AdamW, decaying matrices and embeddings only (not norms, biases, gates: their scale matters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2],
+                               "weight_decay": weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, beta2), fused=fused)
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; buffers copied
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+def optimizer_step(model, optimizer, ema, args):
+    """Clip the gradient norm, step AdamW, clear the gradients, and move the EMA of the weights:
+    ema <- decay * ema + (1 - decay) * model. -> the gradient norm before clipping."""
+    norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - args.ema_decay)
+    return norm
+
+
+def find_run(args, kind, model_flags):
+    """The checkpoint --out holds to go on from, or None: a new run. A run directory holds one
+    kind of model: another kind's ckpt.pt is refused, and --no-resume starts afresh over a run of
+    the same kind only. A flag that sets the model or its data (--preset, --data, --init-from,
+    model_flags) must be the run's own. Read only: a refusal changes no file."""
+    path = os.path.join(args.out, "ckpt.pt")
+    ckpt = load_checkpoint(path) if os.path.exists(path) else None
+    if ckpt is not None and ckpt.get("kind") != f"dar.{kind}":
+        raise CheckpointError(f"--out {args.out}: its ckpt.pt is not a {kind} run of ours, which "
+                              f"neither a resume nor --no-resume may replace: use another --out")
+    if ckpt is None or args.no_resume:
+        return None
+    old, flag = ckpt["args"], lambda k: "--" + k.replace("_", "-")
+    same = lambda d: os.path.realpath(d) if isinstance(d, str) and os.path.exists(d) else d
+    for k in ("preset", "data", "init_from", *model_flags):
+        if getattr(args, k) is not None and same(old.get(k)) != same(getattr(args, k)):
+            raise ValueError(f"{flag(k)} {getattr(args, k)}: {path} is a run with {flag(k)} "
+                             f"{old.get(k)}; train into another --out, or start afresh with "
+                             f"--no-resume")
+    return ckpt
+
+
+_LOCKS = {}  # run directory -> its open lock file, held by this process until it ends
+
+
+def open_run(args, ckpt, rank):
+    """Take --out for this trainer -> log(line). One trainer at a time: an OS lock, which the OS
+    releases when the process ends (process 0 holds it). A resumed run says what changed (those
+    flags apply); metrics.jsonl keeps the lines of the steps before the start (a line it cannot
+    read goes too)."""
+    log, metrics = logger(args.out, rank == 0), os.path.join(args.out, "metrics.jsonl")
+    if rank > 0:
+        return log
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    real = os.path.realpath(args.out)
+    if real not in _LOCKS:
+        lock = open(os.path.join(args.out, "lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {args.out}: another trainer is running in it") from None
+        _LOCKS[real] = lock
+    if ckpt:
+        old = ckpt["args"]
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items()
+                   if k in old and old[k] != v and v is not None]
+        log(f"resuming from {args.out}/ckpt.pt at step {ckpt['step']}"
+            + f" ({', '.join(changed)})" * bool(changed))
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            lines = [line for line in f if metrics_step(line) <= (ckpt["step"] if ckpt else 0)]
+        with open(metrics, "w") as f:
+            f.writelines(lines)
+    return log
+
+
+def metrics_step(line):  # the step of a metrics.jsonl line; a damaged line is not worth a run
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def logger(out, master):  # log(line): above the progress bar and into out/log.txt, by process 0
-    if master:
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-
     def log(line):
         if master:
             tqdm.write(line)
@@ -1480,46 +1618,124 @@ def logger(out, master):  # log(line): above the progress bar and into out/log.t
     return log
 
 
-def resume_checkpoint(args, log, master):
-    """The run's own out/ckpt.pt to go on from (None: a new run). Its model and data are the run's, so
-    another --preset or --data refuses; other changed flags are said, and apply. metrics.jsonl loses
-    the lines of steps after it, which the run trains again."""
-    path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
-    if args.no_resume or not os.path.exists(path):
+def restore(ckpt, model, optimizer):
+    """The run's checkpoint into the model and the optimizer (its moments): training goes on as if
+    never stopped. -> the step to start from (0 for a new run)."""
+    if not ckpt:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def make_ema(model, ckpt, decay):
+    """The EMA of the weights (what is sampled; None when decay is 0): the checkpoint's, else a
+    copy of the model."""
+    if decay == 0:
         return None
-    ckpt = load_checkpoint(path)
-    old, same = ckpt["args"], lambda d: os.path.realpath(d) if d and os.path.exists(d) else d  # a folder by any path
-    for flag in ("preset", "data"):
-        if same(old[flag]) != same(getattr(args, flag)):
-            raise ValueError(f"{path} is a run of --{flag} {old[flag]}, not {getattr(args, flag)}: train into "
-                             f"another --out, or start afresh with --no-resume")
-    changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
-    log(f"resuming from {path} at step {ckpt['step']}" + (f" ({', '.join(changed)})" if changed else ""))
-    if master and os.path.exists(metrics):
-        with open(metrics) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
-        with open(metrics, "w") as f:
-            f.writelines(lines)
-    return ckpt
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if ckpt and ckpt["ema"]:
+        ema.load_state_dict(ckpt["ema"])
+    return ema
+
+
+class Meter:
+    """The loss terms of the steps since the last read, summed on the device: the host never waits
+    for the device but at a read (nanoGPT reads its loss only at log time too). Also the step the
+    run's ckpt.pt holds (`saved`)."""
+
+    def __init__(self, saved):
+        self.sums, self.steps, self.t0, self.saved = {}, 0, time.time(), saved
+
+    def add(self, scale=1.0, **terms):  # tensors of one micro-batch (or step), times scale
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * scale
+
+    def read(self, stop, world):
+        """-> (the means over the steps and processes, seconds per step, whether any process was
+        asked to stop): one all-reduce, of the stop flags too; then the sums start again."""
+        flag = torch.tensor(float(bool(stop)), device=next(iter(self.sums.values())).device)
+        values = torch.stack([*self.sums.values(), flag])
+        if world > 1:
+            torch.distributed.all_reduce(values)
+        *sums, stopped = (values / world).tolist()
+        means = {k: v / self.steps for k, v in zip(self.sums, sums)}
+        seconds = (time.time() - self.t0) / self.steps
+        self.sums, self.steps, self.t0 = {}, 0, time.time()
+        return means, seconds, stopped > 0
+
+
+def end_step(args, step, meter, stop, log, model, ema, optimizer, unit, **extra):
+    """The end of optimizer step `step`, the same in both trainers -> whether to stop. Every
+    --log-every steps, at a checkpoint and at a stop the loss terms are read (the only sync) and
+    logged (log.txt, metrics.jsonl). A non-finite loss or weight stops the run there, before it can
+    reach a checkpoint: ckpt.pt keeps the last good step, which the message names. Otherwise ckpt.pt
+    is written every --ckpt-every steps, at the last step and at a stop. unit = (name, items a step)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    meter.steps += 1
+    stopping = bool(stop) and world == 1                      # one process stops at once
+    save = step % args.ckpt_every == 0 or step == args.max_steps
+    if not (save or stopping or step % args.log_every == 0):
+        return False
+    means, seconds, stopping = meter.read(stop, world)
+    lr = optimizer.param_groups[0]["lr"]
+    terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+    log(f"step {step}/{args.max_steps} | {terms} | lr {lr:.2e} | "
+        f"{unit[1] / seconds:.1f} {unit[0]}/s")
+    if rank == 0:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=step, lr=lr, **means)) + "\n")
+    weights = [p for m in (model, ema) if m is not None for p in m.parameters()]
+    finite = torch.stack([p.isfinite().all() for p in weights]).all()
+    if not (all(map(math.isfinite, means.values())) and finite):
+        held = (f"{args.out}/ckpt.pt keeps step {meter.saved}, the same command with a lower --lr "
+                f"resumes it" if meter.saved else "no checkpoint was saved: start again with a "
+                f"lower --lr")
+        raise ValueError(f"non-finite loss or weights at step {step}, not saved; {held}")
+    if save or stopping:
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, ema, step=step,
+                            optimizer=optimizer.state_dict(), args=vars(args), **extra)
+        if world > 1:
+            torch.distributed.barrier()
+        meter.saved = step
+    return stopping
 
 
 def catch_stop(on=True):
-    """Ctrl-C / SIGTERM put their name into the returned list, which the training loop reads (it saves
-    and stops); on=False gives the signals back."""
+    """Ctrl-C / SIGTERM put their name into the returned list, which the training loop reads (it
+    saves and stops); on=False gives the signals back."""
     caught = []
     for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-        signal.signal(sig, (lambda signum, frame: caught.append(signal.Signals(signum).name)) if on else default)
+        handler = (lambda signum, frame: caught.append(signal.Signals(signum).name)) if on else default
+        signal.signal(sig, handler)
     return caught
 
 
+def finish(stopping, stop, step, args, log):
+    """After the loop: the signals given back; a run stopped by one ends in one line and a
+    non-zero exit status (process 0 says it)."""
+    catch_stop(False)
+    if stopping:
+        first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}, saved in "
+                 f"{args.out}/ckpt.pt: the same command resumes" if first else 1)
+    log(f"done: {args.out}/ckpt.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _number(cast, ok, what):
-    """An argparse type: a value that makes no sense stops at parse time, in one line naming the flag."""
+    """An argparse type: a value that makes no sense stops at parse time, in one line naming the
+    flag."""
     def parse(text):
         try:
             v = cast(text)
-        except ValueError:
-            v = math.nan
-        if not (math.isfinite(v) and ok(v)):
+            good = math.isfinite(v) and ok(v)
+        except (ValueError, OverflowError):
+            good = False
+        if not good:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return v
     return parse
@@ -1531,82 +1747,154 @@ positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")
+threads = _number(int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]")
 
 
 def parse_guidance(text):
-    """--cfg: '1.1,8.0' -> (1.1, 8.0), the ends of a linear schedule over the tokens; '4' -> 4.0."""
+    """--guidance: '1.1,8.0' -> (1.1, 8.0), the ends of a linear schedule over the tokens; '4' -> 4.0."""
     try:
         vals = [float(v) for v in str(text).split(",")]
     except ValueError:
         vals = []
     if len(vals) not in (1, 2) or not all(math.isfinite(v) and v >= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"guidance {text!r}: expected one finite scale >= 0 or 'start,end'")
+        raise argparse.ArgumentTypeError(f"guidance {text!r}: expected one finite scale >= 0 or "
+                                         f"'start,end'")
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """argparse's own two: every flag's default, and the docstring as written."""
 
+
+def parser(doc):
+    # abbreviations off: a flag is the flag written out, so that one a mode cannot use is found
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def typed(argv):
+    """The flags written on the command line (argv, else sys.argv), as `--name`."""
+    return {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+
+
+def add_run_arguments(p, presets, default):
+    """The flags both trainers take. A preset's run settings are the defaults (parse_run_args)."""
+    p.add_argument("--preset", default=default, choices=sorted(presets),
+                   help="model size; its run settings are the defaults below (--preset P --help)")
+    p.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
+    p.add_argument("--out", help="run directory; None: runs/<preset>")
+    p.add_argument("--init-from", help="fine-tune these weights (their size): a released name or a "
+                   "checkpoint")
+    p.add_argument("--no-resume", action="store_true", help="start afresh over the run in --out")
+    p.add_argument("--global-batch", type=positive_int, help="images per optimizer step, in all")
+    p.add_argument("--micro-batch", type=positive_int, help="per forward and process "
+                   "(accumulation); None: all")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (dar.get_lr)")
+    p.add_argument("--warmup", type=nonneg_int, default=0, help="linear warm-up steps")
+    p.add_argument("--decay-steps", type=nonneg_int, help="the last steps, over which lr decays "
+                   "linearly to 1e-5")
+    p.add_argument("--weight-decay", type=nonneg_float, help="AdamW, on matrices and embeddings")
+    p.add_argument("--beta2", type=decay, default=0.95, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
+    p.add_argument("--ema-decay", type=decay, help="EMA of the weights (what is sampled); 0: none")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crops, flips")
+    p.add_argument("--seed", type=seed, default=0, help="of the weights, the data order, the draws")
+    p.add_argument("--device", default=DEVICE, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; None: on "
+                   "with cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: "
+                   "on with cuda")
+    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
+    p.add_argument("--threads", type=threads, help="compute threads; None: the cores less the workers")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="data-loader processes per process")
+    p.add_argument("--log-every", type=positive_int, help="steps between log lines (metrics.jsonl)")
+    p.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=positive_int, help="steps between sample grids")
+
+
+def parse_run_args(p, run_defaults, argv=None):
+    """A trainer's flags, in two passes: the first finds --preset, whose run settings become the
+    defaults of the second."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].preset
+    p.set_defaults(**run_defaults[preset])
+    args = p.parse_args(argv)
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    return args
+
+
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def cli(main, argv=None):
+    """Run a script's main as `python script.py` does: bad input, a missing file or a refusal
+    (ValueError, OSError) is one `error:` line and exit status 1, never a traceback. (A loader
+    worker's error carries its traceback in the message: its last line is the error.)"""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        sys.exit(f"error: {lines[-1]}")
+    except KeyboardInterrupt:
+        sys.exit("stopped by Ctrl-C")
+
 # -----------------------------------------------------------------------------
 # section 16. Sampling: one function for sample.py and eval_fid.py, so that `sample.py --out` and
 # `eval_fid.py --gpt` draw the same images
 
 def add_sampling_arguments(p):  # the flags that decide what is drawn
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw")
-    p.add_argument("--cfg", type=parse_guidance, help="guidance: 'start,end' of a linear schedule over the tokens, "
-                   "or one number; None: the paper's for a released GPT (L 1.1,8.0, XL 1.1,10.0), else 1 (none)")
-    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; 0 is greedy")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest tokens; 0: all")
+    p.add_argument("--seed", type=seed, default=0, help="seed of every draw")
+    p.add_argument("--guidance", type=parse_guidance, help="'start,end' of a linear schedule "
+                   "over the tokens, or one number; None: the paper's for a released GPT "
+                   "(L 1.1,8.0, XL 1.1,10.0), else 1 (none)")
+    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="of the token draws; "
+                   "0 is greedy")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="draw among the k likeliest; 0: all")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling; 1: off")
-    p.add_argument("--sampler", choices=["adams2", "euler"], default="adams2", help="the decoder's ODE solver")
+    p.add_argument("--solver", choices=["adams2", "euler"], default="adams2",
+                   help="the decoder's ODE solver")
     p.add_argument("--steps", type=positive_int, help="decoder steps; None: the tokenizer's")
-    p.add_argument("--preview-step", type=positive_int, help="output the preview after this step, not the image")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 weights; None: on with cuda")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: on with cuda")
-
-
-def load_models(gpt, tokenizer=None, device="cpu"):
-    """(tokenizer, GPT, the tokenizer's name) to sample with: `tokenizer`, else the one a released GPT
-    was trained with (tokenizer_v1), else the one our trainer recorded."""
-    gpt_path = find_weights(gpt, "gpt")
-    if not tokenizer:
-        tokenizer = "tokenizer_v1" if gpt in RELEASES else load_checkpoint(gpt_path).get("tokenizer")
-        if not tokenizer:
-            raise CheckpointError(f"--gpt {gpt} does not say which tokenizer it was trained with: pass --tokenizer")
-    tok = load_model(find_weights(tokenizer, "tokenizer"), "tokenizer").to(device)
-    model = load_model(gpt_path, "gpt", block_size=tok.cfg.num_tokens).to(device)
-    check_pair(tok, model)
-    return tok, model, tokenizer
-
-
+    p.add_argument("--preview-step", type=positive_int, help="output the preview after this "
+                   "step, not the image")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 weights; None: on "
+                   "with cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: "
+                   "on with cuda")
 def prepare_sampling(tok, gpt, bf16, compile):
-    """(GPT, velocity network, one-token step) to sample with. bf16 halves what the Llama reads at
-    each token; compile wraps (never replaces) the DiT and the step in torch.compile: on a GPU the
-    step becomes a CUDA graph (gpt-fast: static KV cache, reduce-overhead), on a CPU fused kernels."""
-    gpt = gpt.to(torch.bfloat16) if bf16 else gpt
-    if not compile:
-        return gpt, tok.dit, decode_one_token
-    mode = "reduce-overhead" if gpt.output.weight.is_cuda else "default"
-    return gpt, torch.compile(tok.dit), torch.compile(decode_one_token, fullgraph=True, mode=mode)
+    """Ready the models for sampling, in place. bf16: Llama weights in bf16 halve what each token
+    step reads. compile: the DiT and the one-token step through torch.compile; on a GPU the step
+    becomes a CUDA graph (gpt-fast: static KV cache, reduce-overhead), on a CPU fused kernels."""
+    if bf16:
+        gpt.to(torch.bfloat16)
+    if compile:
+        tok.dit.compile()
+        mode = "reduce-overhead" if gpt.output.weight.is_cuda else "default"
+        gpt.decode_one = torch.compile(gpt.decode_one, fullgraph=True, mode=mode)
 
 
 @torch.no_grad()
-def sample(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, sampler="adams2",
-           steps=None, prefix=None, bf16=False, dit=None, decode_fn=decode_one_token):
-    """Streaming D-AR (generate_images) from `seed` -> the previews (B, 3, H, W), float32, after each
-    decoder step; the last is the image."""
+def draw(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0,
+         solver="adams2", steps=None, prefix=None, bf16=False):
+    """Streaming D-AR (generate_images) from `seed` -> the images as seen after each decoder step
+    (B, 3, H, W), float32; the last is the image."""
     torch.manual_seed(seed)
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return [state.preview.float() for _, state in generate_images(
-            gpt, tok, labels, None, sampler, steps, dit, guidance=guidance, temperature=temperature, top_k=top_k,
-            top_p=top_p, prefix=prefix, decode_fn=decode_fn)]
+        return [image.float() for _, image in generate_images(
+            gpt, tok, labels, None, solver, steps, guidance=guidance, temperature=temperature,
+            top_k=top_k, top_p=top_p, prefix=prefix)]
 
 
-def batch_seed(seed, first):  # the batch of samples first.. draws alone: any batch can be redone anywhere
+def batch_seed(seed, first):  # of the batch of samples first..: any batch can be redone anywhere
     return seed * 1_000_003 + first
 
 
-def output_step(preview_step, steps):  # the step whose preview is the output: the last, or --preview-step
+def output_step(preview_step, steps):  # the step whose image is the output: --preview-step or last
     if preview_step is not None and not 1 <= preview_step <= steps:
-        raise ValueError(f"--preview-step {preview_step}: the decoder takes {steps} steps, so 1..{steps}")
+        raise ValueError(f"--preview-step {preview_step}: the decoder takes {steps} steps, so "
+                         f"1..{steps}")
     return preview_step or steps
