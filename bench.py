@@ -76,7 +76,8 @@ if args.stage in ("tokenizer", "ar"):
     # already on the device: no loader, no disk
     if args.stage == "tokenizer":  # eq. 7 without LPIPS and REPA (their networks are not D-AR's cost)
         model, unit, per_item = dar.Tokenizer(tok_cfg).to(device).train(), "img", 1
-        model.set_grad_checkpointing(args.grad_checkpointing)
+        for m in (model.encoder, model.decoder, model.dit):
+            m.grad_checkpointing = args.grad_checkpointing
         batch = (torch.rand(B, 3, tok_cfg.image_size, tok_cfg.image_size, device=device) * 2 - 1,)
         loss_fn = lambda net, x: dar.tokenizer_loss(net, x)[0]
     else:                          # eq. 6 on random codes

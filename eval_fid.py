@@ -3,9 +3,8 @@ FID, Inception Score and precision / recall (k = 3) as ADM's evaluator computes 
 TensorFlow Inception network (2015-12-05) behind the published numbers, against an ADM reference
 batch (its mu / sigma give FID, its images precision / recall), an .npz or a folder of images.
 
-    python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # sample.py --out samples/
+    python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # sample.py --out samples/
     python eval_fid.py samples/ --ref ref.npz --inception fid-helper       # PNGs, offline
-    python eval_fid.py --gpt D-AR-L --ref VIRTUAL_imagenet256_labeled.npz  # draw as sample.py does
     python eval_fid.py --recon --tokenizer tokenizer_v1 --data imagenet/val   # rFID
 
 --inception: torch-fidelity's port of the TF graph (downloaded once), its weights file, or offline
@@ -207,9 +206,10 @@ def file_features(net, path, limit, batch_size, desc):
     """Features of the first `limit` images (None: all) of an .npz or a folder, cached until a
     file changes (its size or modification time)."""
     files = [path] if os.path.isfile(path) else dar.list_images(path)
-    stats = ",".join(f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
-    return cached(net, os.path.basename(path.rstrip(os.sep)), f"{os.path.abspath(path)}:{limit}:"
-                  f"{stats}", desc, lambda: extract(net, *image_batches(path, batch_size, limit), desc))
+    key = f"{os.path.abspath(path)}:{limit}:" + ",".join(
+        f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
+    compute = lambda: extract(net, *image_batches(path, batch_size, limit), desc)
+    return cached(net, os.path.basename(path.rstrip(os.sep)), key, desc, compute)
 
 
 # -----------------------------------------------------------------------------
@@ -266,47 +266,37 @@ def reconstructions(tok, data, n, batch_size, seed, device, solver="adams2", ste
 # -----------------------------------------------------------------------------
 # The script
 
-DRAWING = ["--guidance", "--temperature", "--top-k", "--top-p", "--bf16", "--no-bf16",
-           "--compile", "--no-compile"]                  # of the tokens (--gpt)
-DECODING = ["--seed", "--solver", "--steps", "--preview-step"]  # of the decoder (--gpt, --recon)
-UNUSED = {"samples": DRAWING + DECODING + ["--tokenizer", "--data"], "--gpt": ["--data"],
-          "--recon": DRAWING}                             # the flags each mode cannot honour
+RECON = ["--tokenizer", "--data", "--seed", "--solver", "--steps", "--preview-step"]
 
 
 def parse_args(argv=None):
     p = dar.parser(__doc__)
-    p.add_argument("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder")
-    p.add_argument("--ref", help="an ADM reference batch .npz, an .npz of images or a folder")
-    p.add_argument("--gpt", help="draw the samples with this GPT (a released name or a checkpoint)"
-                   ", as sample.py --out does")
-    p.add_argument("--tokenizer", help="for --gpt (None: the GPT's own) and --recon")
-    p.add_argument("--recon", action="store_true", help="rFID: reconstructions of --data against "
-                   "the originals")
-    p.add_argument("--data", help="--recon: an ImageFolder tree or fashion-mnist (its test split)")
-    p.add_argument("--num-samples", type=dar.positive_int, help="how many; None: all, 50000 with "
-                   "--gpt")
-    dar.add_sampling_arguments(p)  # --gpt draws as sample.py --out does: the same flags, defaults
-    p.add_argument("--inception", help="fid-helper, or torch-fidelity's weights file; None: "
-                   "downloaded")
-    p.add_argument("--k", type=dar.positive_int, default=3, help="neighbours for precision / recall")
-    p.add_argument("--batch-size", type=dar.positive_int, default=100, help="images per forward")
-    p.add_argument("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
-    p.add_argument("--threads", type=dar.threads, help="compute threads; None: the cores")
-    p.add_argument("--json", help="metrics file; None: beside the samples, or the --gpt / "
-                   "--tokenizer checkpoint")
+    add = p.add_argument
+    add("samples", nargs="?", help="an .npz (arr_0 uint8 (N, H, W, 3)) or a folder of images")
+    add("--ref", help="an ADM reference batch .npz, an .npz of images or a folder")
+    add("--recon", action="store_true", help="rFID: reconstructions of --data vs the originals")
+    add("--tokenizer", help="--recon: a released name (tokenizer_v1) or a checkpoint")
+    add("--data", help="--recon: an ImageFolder tree or fashion-mnist (its test split)")
+    add("--seed", type=dar.seed, default=0, help="--recon: of the decoder's noise")
+    add("--solver", choices=["adams2", "euler"], default="adams2", help="--recon: ODE solver")
+    add("--steps", type=dar.positive_int, help="--recon: decoder steps; None: the tokenizer's")
+    add("--preview-step", type=dar.positive_int, help="--recon: the image after this step")
+    add("--num-samples", type=dar.positive_int, help="how many images; None: all")
+    add("--inception", help="fid-helper, or torch-fidelity's weights file; None: downloaded")
+    add("--k", type=dar.positive_int, default=3, help="neighbours for precision / recall")
+    add("--batch-size", type=dar.positive_int, default=100, help="images per forward")
+    add("--device", default=dar.DEVICE, choices=["cuda", "mps", "cpu"])
+    add("--threads", type=dar.threads, help="compute threads; None: the cores")
+    add("--json", help="metrics file; None: beside the samples or the tokenizer")
     args = p.parse_args(argv)
-    mode = "--recon" if args.recon else "--gpt" if args.gpt else "samples"
-    unused = [f for f in UNUSED[mode] if f in dar.typed(argv)]
-    if unused:  # a flag the mode cannot honour is refused, never dropped
-        p.error(f"{unused[0]} does nothing with {mode}")
-    if args.recon and not (args.tokenizer and args.data and not (args.samples or args.gpt or
-                                                                 args.ref)):
-        p.error("--recon takes --tokenizer and --data (the originals are the reference), no "
-                "samples, --gpt or --ref")
-    if not args.recon and (bool(args.gpt) == bool(args.samples) or not args.ref):
-        p.error("give samples (an .npz or a folder) or --gpt, and --ref")
-    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
-    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    unused = [f for f in RECON if f in dar.typed(argv)]
+    if unused and not args.recon:  # a flag the mode cannot honour is refused, never dropped
+        p.error(f"{unused[0]} goes with --recon")
+    if args.recon and not (args.tokenizer and args.data) or args.recon and (args.samples or
+                                                                            args.ref):
+        p.error("--recon takes --tokenizer and --data (the originals are the reference)")
+    if not args.recon and not (args.samples and args.ref):
+        p.error("give samples (an .npz or a folder) and --ref")
     return args
 
 
@@ -324,7 +314,9 @@ def reference(net, path, batch_size):
                          f"network gives {net.dim}: computed with another network (--inception)?")
     if not stats and "arr_0" not in keys:
         raise ValueError(f"--ref {path}: neither images (arr_0) nor statistics (mu, sigma) in it")
-    pool = file_features(net, path, None, batch_size, "reference")["pool"] if "arr_0" in keys else None
+    pool = None
+    if "arr_0" in keys:
+        pool = file_features(net, path, None, batch_size, "reference")["pool"]
     mu, sigma = stats or feature_stats(pool)
     return dict(mu=mu, sigma=sigma, pool=pool, n=None if pool is None else len(pool),
                 source="reference batch mu / sigma" if stats else "reference images")
@@ -359,24 +351,15 @@ def main(argv=None):
             raise FileNotFoundError(f"{name} {path}: no such file or directory")
         if path and flag != "data" and os.path.isfile(path):
             dar.load_npz(path).close()  # an .npz (of arrays only), known before any work
-    where = args.samples or (args.tokenizer if args.recon else args.gpt)  # the metrics beside it
+    where = args.tokenizer if args.recon else args.samples  # the metrics go beside it
     stem = os.path.splitext(os.path.abspath(where).rstrip(os.sep))[0]
     json_path = args.json or stem + (".rfid.json" if args.recon else ".fid.json")
     if not os.access(os.path.dirname(os.path.abspath(json_path)), os.W_OK):
         raise PermissionError(f"cannot write the metrics into {os.path.dirname(json_path)}: pass "
                               f"--json PATH")
-    if args.recon:
-        tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device)
-    elif args.gpt:  # drawn as sample.py --out draws them: the same call, seeds and defaults
-        tok, gpt, args.tokenizer = dar.load_pair(args.gpt, args.tokenizer, device)
-        if args.guidance is None:
-            args.guidance = dar.PAPER_GUIDANCE.get(args.gpt, 1.0)
-        out_step = dar.output_step(args.preview_step, args.steps or tok.cfg.sample_steps)
-        dar.prepare_sampling(tok, gpt, args.bf16, args.compile)
-        print(f"weights: tokenizer {args.tokenizer} | GPT {args.gpt} | guidance {args.guidance}")
     net = Inception(args.inception, device)
-
     if args.recon:  # the originals are the reference
+        tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device)
         originals, recon, n, key = reconstructions(tok, args.data, args.num_samples,
                                                    args.batch_size, args.seed, device, args.solver,
                                                    args.steps, args.preview_step)
@@ -385,16 +368,6 @@ def main(argv=None):
         ref = dict(pool=pool, n=len(pool), source="originals")
         ref["mu"], ref["sigma"] = feature_stats(pool)
         samples = extract(net, recon, n, "reconstructions")
-    elif args.gpt:
-        ref = reference(net, args.ref, args.batch_size)
-        n, B = args.num_samples or 50000, args.batch_size
-        labels = torch.arange(n) % gpt.cfg.num_classes  # class-balanced, as sample.py --out
-        batches = (dar.to_uint8(dar.draw(tok, gpt, labels[s:s + B].to(device),
-                                         dar.batch_seed(args.seed, s), args.guidance,
-                                         args.temperature, args.top_k, args.top_p, args.solver,
-                                         args.steps, None, args.bf16)[out_step - 1])
-                   for s in range(0, n, B))
-        samples = extract(net, batches, n, "samples")
     else:
         ref = reference(net, args.ref, args.batch_size)
         samples = file_features(net, args.samples, args.num_samples, args.batch_size, "samples")

@@ -7,28 +7,28 @@ Train the D-AR autoregressive model (stage 2): an unmodified Llama over the toke
     python train_ar.py --init-from D-AR-L --data my_folder --lr 1e-4   # fine-tune D-AR-L
 
 The loss is eq. 6 (dar.ar_loss), with the paper's settings (LlamaGen's recipe) for GPT-B/L/XL/XXL.
-The tokenizer is frozen, so the codes of the ten crops of every image are extracted once into an
-int16 array under --codes-dir (--online-encode: at every step, the official way). The run
-directory is as train_tokenizer.py's; the checkpoint also records the tokenizer (its name and
-the digest of its codes: sample.py uses and checks them) and the class names.
+The tokenizer is frozen, so the codes of the ten crops of every image are extracted once, into
+an int16 array under --codes-dir. The run directory is as train_tokenizer.py's; the checkpoint
+also records the tokenizer (its name, and the digest of its codes: sample.py uses and checks
+them) and the class names.
 """
 
 import functools
 import hashlib
 import json
 import os
+import random
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dar
 
-# Run settings per preset (the flags' defaults). The paper's: AdamW 4e-4, weight decay 0.05, batch
-# 1024, 300 epochs of ImageNet (1,281,167 images: 375,300 steps), decaying to 1e-5 over the last 50
-# (62,550 steps), ten crops. GPT-small's samples stop improving by 500 steps; GPT-tiny: the tests.
+# Run settings per preset (the flags' defaults). The paper's: AdamW 4e-4, weight decay 0.05,
+# batch 1024, 300 epochs of ImageNet (375,300 steps), decaying to 1e-5 over the last 50 (62,550
+# steps), ten crops. GPT-small's samples stop improving by 500 steps; GPT-tiny: the tests.
 PAPER = dict(data=None, global_batch=1024, max_steps=375_300, decay_steps=62_550, lr=4e-4,
              ema_decay=0.0, guidance=(1.1, 8.0), augment=True, log_every=50, ckpt_every=1000,
              sample_every=1000)
@@ -41,27 +41,21 @@ RUN_DEFAULTS = {
                      ema_decay=0.9, guidance=1.0, augment=True, log_every=5, ckpt_every=1000,
                      sample_every=1000),
 }
-MODEL_FLAGS = ("class_dropout", "reverse_tokens")  # saved in the model's config
 
 
 def parse_args(argv=None):
     p = dar.parser(__doc__)
     dar.add_run_arguments(p, dar.GPT_PRESETS, "GPT-small")
-    p.add_argument("--tokenizer", help="the frozen tokenizer: tokenizer_v1 or a checkpoint; None: "
-                   "a released GPT's (with --init-from), else required")
-    p.add_argument("--class-dropout", type=dar.fraction, default=0.1, help="p of the null class "
-                   "(for guidance)")
-    p.add_argument("--reverse-tokens", action="store_true", help="learn the tokens fine to coarse "
-                   "(the paper's ablation of the order); sampling flips them back")
-    p.add_argument("--online-encode", action="store_true", help="encode at every step, not once")
-    p.add_argument("--codes-dir", help="where extracted codes are kept; None: codes/ beside --out")
+    p.add_argument("--tokenizer", help="the frozen tokenizer: tokenizer_v1 or a checkpoint; "
+                   "None: a released GPT's (with --init-from), else required")
+    p.add_argument("--class-dropout", type=dar.fraction, default=0.1, help="p of the null class")
+    p.add_argument("--codes-dir", help="where extracted codes are kept; None: codes/ by --out")
     p.add_argument("--guidance", type=dar.parse_guidance, help="of the sample grids")
     p.set_defaults(weight_decay=0.05)
     args = dar.parse_run_args(p, RUN_DEFAULTS, argv)
-    # a fine-tune of a release is named after it: runs/GPT-small-from-D-AR-L
-    from_release = args.init_from in dar.RELEASES
-    args.out = args.out or f"runs/{args.preset}" + f"-from-{args.init_from}" * from_release
-    args.tokenizer = args.tokenizer or ("tokenizer_v1" if from_release else
+    release = args.init_from in dar.RELEASES  # a fine-tune of a release is named after it
+    args.out = args.out or f"runs/{args.preset}" + f"-from-{args.init_from}" * release
+    args.tokenizer = args.tokenizer or ("tokenizer_v1" if release else
                                         p.error("--tokenizer is required"))
     args.codes_dir = args.codes_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                                     "codes")
@@ -71,20 +65,16 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Codes: the views of every image, encoded once
 
-def views(img, rng, size, augment, one=False):
+def views(img, rng, size, augment):
     """The crops a step may see, (V, 3, S, S): of a centre crop at 1.1x, the corners, the centre
-    and the same mirrored (the paper's ten crops), or just the centre crop; one: one of them,
-    drawn with rng."""
+    and the same mirrored (the paper's ten crops), or just the centre crop."""
     crops = [dar.center_crop(img, size)]
     if augment:
         big = dar.center_crop(img, int(size * 1.1))
-        W, H = big.size
-        corners = [(0, 0), (W - size, 0), (0, H - size), (W - size, H - size),
-                   ((W - size) // 2, (H - size) // 2)]
-        crops = [big.crop((x, y, x + size, y + size)) for x, y in corners]
+        m = big.size[0] - size
+        crops = [big.crop((x, y, x + size, y + size))
+                 for x, y in ((0, 0), (m, 0), (0, m), (m, m), (m // 2, m // 2))]
         crops += [c.transpose(0) for c in crops]                    # 0: FLIP_LEFT_RIGHT
-    if one:
-        return dar.to_tensor(rng.choice(crops))
     return torch.stack([dar.to_tensor(c) for c in crops])
 
 
@@ -93,7 +83,7 @@ def extract_codes(args, tok, images, rank, world, device):
     """The codes of all views of all images -> (M, V, N) int16, memory-mapped from --codes-dir,
     named after what decides them (the tokenizer's encoder and codebook, the images, the views):
     later runs reuse it. Rows not yet written are -1, so an extraction that stopped (Ctrl-C, a
-    kill) goes on where it did; process r encodes every world-th of the rows left."""
+    kill) goes on where it did; process r encodes every world-th row left."""
     V, N, size = 10 if args.augment else 1, tok.cfg.num_tokens, tok.cfg.image_size
     key = json.dumps([dar.digest(tok.encoder, tok.quantizer), images.key(), size, V])
     path = os.path.join(args.codes_dir, f"codes_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
@@ -104,7 +94,7 @@ def extract_codes(args, tok, images, rank, world, device):
     if world > 1:
         torch.distributed.barrier()
     codes = np.load(path, mmap_mode="r+")
-    left = np.flatnonzero(codes.min(axis=(1, 2)) < 0)[rank::world]  # (every process reads all)
+    left = np.flatnonzero(codes.min(axis=(1, 2)) < 0)[rank::world]
     images.transform = functools.partial(views, size=size, augment=args.augment)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, left),
                                          batch_size=max(1, 64 // V), num_workers=args.workers,
@@ -121,14 +111,13 @@ def extract_codes(args, tok, images, rank, world, device):
 
 
 class CodeDataset(dar.ImageDataset):
-    """(codes (N,), label) of image i: one of its stored views (V, N), drawn from (seed, epoch, i)."""
+    """(codes (N,), label) of image i: one of its stored views (V, N), drawn from (seed, epoch,
+    i) as the ten crops are."""
 
-    def image(self, i):
-        return self.arrays[i]
-
-
-def one_code_view(codes, rng):
-    return torch.from_numpy(codes[rng.randrange(len(codes))].astype(np.int64))
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self))
+        view = random.Random(hash((self.seed, epoch, i))).randrange(self.arrays.shape[1])
+        return torch.from_numpy(self.arrays[i, view].astype(np.int64)), self.labels[i]
 
 
 def finetune_start(args, tok, num_classes):
@@ -144,15 +133,14 @@ def finetune_start(args, tok, num_classes):
         table[:keep], table[-1] = released.detach()[:keep], released.detach()[-1]
         gpt.class_embed = nn.Embedding.from_pretrained(table, freeze=False)
         gpt.cfg.num_classes = num_classes
-        note += (f"; class table resized from {old} to {num_classes} classes (rows 0..{keep - 1} "
-                 f"kept, the null class last)")
+        note += f", resized to {num_classes} (rows 0..{keep - 1} kept, the null class last)"
     return gpt, note
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dar.setup(args.device, args.threads, args.workers)  # a process a GPU
-    ckpt = dar.find_run(args, "gpt", MODEL_FLAGS)  # the run to resume, or None
+    ckpt = dar.find_run(args, "gpt", ["class_dropout"])  # the run to resume, or None
     tok = dar.Tokenizer.from_pretrained(args.tokenizer).to(device).requires_grad_(False)  # frozen
     images = dar.build_dataset(args.data, seed=args.seed)
 
@@ -166,76 +154,58 @@ def main(argv=None):
         model, note = finetune_start(args, tok, len(images.classes))
     else:
         model = dar.GPT(dar.gpt_config(args.preset, vocab_size=tok.cfg.codebook_size,
-                                       block_size=tok.cfg.num_tokens, num_classes=len(images.classes)))
-    # a resumed or fine-tuned GPT must write this tokenizer's codes (shapes, and their digest)
+                                       block_size=tok.cfg.num_tokens,
+                                       num_classes=len(images.classes)))
+    # a resumed or fine-tuned GPT must write this tokenizer's codes (shapes, digest)
     dar.check_pair(tok, model, args.tokenizer, args.init_from or f"{args.out}/ckpt.pt")
-    log = dar.open_run(args, ckpt, rank)           # this trainer's now: locked, logged
+    log = dar.open_run(args, ckpt, rank)           # the run directory is this trainer's now
     tokenizer = args.tokenizer if args.tokenizer in dar.RELEASES else os.path.abspath(args.tokenizer)
-    code_digest = dar.digest(tok.encoder, tok.quantizer)  # what the codes mean, recorded
-    log(f"tokenizer: {tokenizer} (frozen)")
-    if note:
-        log(note)
+    recorded = dict(tokenizer=tokenizer, classes=images.classes,  # in every checkpoint
+                    tokenizer_digest=dar.digest(tok.encoder, tok.quantizer))
+    for line in (f"tokenizer: {tokenizer} (frozen)", note):
+        if line:
+            log(line)
     c = model.cfg
-    c.class_dropout, c.reverse_tokens = args.class_dropout, args.reverse_tokens  # saved with it
-    model.to(device).grad_checkpointing = args.grad_checkpointing
-    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, device.type == "cuda")
-    step = dar.restore(ckpt, model, optimizer)
-    ema = dar.make_ema(model, ckpt, args.ema_decay)
+    c.class_dropout, model.grad_checkpointing = args.class_dropout, args.grad_checkpointing
+    optimizer = dar.make_optimizer(model.to(device), args.lr, args.weight_decay, args.beta2,
+                                   fused=device.type == "cuda")
+    step, ema = dar.restore(ckpt, model, optimizer, args.ema_decay)
 
-    # ---- data: endless micro-batches from this step on (the same on resume and on N processes)
-    if args.online_encode:
-        images.transform = functools.partial(views, size=tok.cfg.image_size, augment=args.augment,
-                                             one=True)
-        dataset = images
-    else:
-        codes = extract_codes(args, tok, images, rank, world, device)
-        dataset = CodeDataset(images.labels, images.classes, arrays=codes, transform=one_code_view,
-                              seed=args.seed)
-    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world,
-                                     args.seed, step)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                               num_workers=args.workers,
-                                               pin_memory=device.type == "cuda",
-                                               worker_init_fn=dar.worker_init))
-    micro, accum = sampler.micro, sampler.accum    # global batch = processes x micro x accum
-
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # ---- the data: the codes of the ten crops, extracted once
+    codes = extract_codes(args, tok, images, rank, world, device)
+    dataset = CodeDataset(images.labels, images.classes, arrays=codes, seed=args.seed)
+    batches, accum = dar.batches(dataset, args, rank, world, step, device)
+    net = dar.wrap(model, args, device, world)     # torch.compile, DDP
     log(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {c.n_layer} "
-        f"layers, dim {c.dim}, {c.num_classes} classes | {len(dataset)} images | {world} "
-        f"process(es) x micro-batch {micro} x {accum} accumulation = {args.global_batch} | "
+        f"layers, dim {c.dim}, {c.num_classes} classes | {len(dataset)} images | "
+        f"{args.global_batch} a step: {world} process(es) x {accum} micro-batches | "
         f"{args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
 
     # ---- the loop
-    stop = dar.catch_stop()                        # Ctrl-C / SIGTERM: save, then stop
-    meter, stopping = dar.Meter(step if ckpt else None), False
-    pbar = tqdm(total=args.max_steps, initial=step, disable=rank > 0, dynamic_ncols=True, unit="step")
+    stop, meter = dar.catch_stop(), dar.Meter(step if ckpt else None)  # Ctrl-C: save, stop
+    pbar, stopping = tqdm(total=args.max_steps, initial=step, disable=rank > 0), False
     while step < args.max_steps and not stopping:
         for group in optimizer.param_groups:
             group["lr"] = dar.get_lr(step, args)
         for m in range(accum):
-            x, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            codes, labels = next(batches)
             # class dropout, dropout and the rest of this micro-batch's draws, as if never stopped
             torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
-            codes = tok.encode(x) if args.online_encode else x
             if world > 1:  # DDP averages the gradients in the last micro-batch's backward only
                 net.require_backward_grad_sync = m == accum - 1
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                loss = dar.ar_loss(net, codes, labels, c.class_dropout, c.num_classes,
-                                   c.reverse_tokens)
+                loss = dar.ar_loss(net, codes, labels, c.class_dropout, c.num_classes)
             (loss / accum).backward()
             meter.add(1 / accum, loss=loss)
         meter.add(grad=dar.optimizer_step(model, optimizer, ema, args))  # clip, AdamW, EMA
         step += 1
         pbar.update()
         stopping = dar.end_step(args, step, meter, stop, log, model, ema, optimizer,
-                                ("tok", args.global_batch * c.block_size), tokenizer=tokenizer,
-                                tokenizer_digest=code_digest, classes=images.classes)
+                                ("tok", args.global_batch * c.block_size), **recorded)
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             labels = torch.arange(min(10, c.num_classes), device=device).repeat_interleave(4)
             grid = dar.draw(tok, (ema or model).eval(), labels, args.seed, args.guidance)[-1]
-            dar.save_grid(grid, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)  # 4 per class
+            dar.save_grid(grid, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)  # 4 a class
             model.train()
     pbar.close()
     dar.finish(stopping, stop, step, args, log)

@@ -100,7 +100,7 @@ class RepaTarget(nn.Module):
                         torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14"))
         except Exception as e:
             raise OSError(f"REPA needs DINOv2 ViT-B/14 from torch.hub ({dar.one_line(e)}): put it "
-                          f"in the torch hub cache, or train without REPA: --repa-weight 0") from None
+                          f"in the torch hub cache, or train without it: --repa-weight 0") from None
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -154,62 +154,55 @@ def main(argv=None):
 
     # ---- the model: the run's own checkpoint, else --init-from weights, else the preset
     torch.manual_seed(args.seed)                   # the same initial weights on every process
-    note = None
+    note, repa = None, args.repa_weight > 0
     if ckpt:
         model = dar.Tokenizer(dar.make_config(dar.TokenizerConfig, ckpt["config"], args.out))
-        if (args.repa_weight > 0) != (model.cfg.repa_dim > 0):
-            raise ValueError(f"--repa-weight {args.repa_weight}: the run in {args.out} trains "
-                             f"{'with' if model.cfg.repa_dim else 'without'} REPA")
+        if repa != (model.cfg.repa_dim > 0):
+            raise ValueError(f"--repa-weight {args.repa_weight}: the run in {args.out} has "
+                             f"{'a' if model.cfg.repa_dim else 'no'} REPA projector")
     elif args.init_from:
         model, note = finetune_start(args)
     else:
-        sizes = {k: v for k, v in dict(image_size=args.image_size, time_shift=args.time_shift).items() if v}
+        sizes = dict(image_size=args.image_size, time_shift=args.time_shift, repa_dim=768 * repa)
         try:
-            model = dar.Tokenizer(dar.tokenizer_config(args.preset, repa_dim=768 * (args.repa_weight > 0), **sizes))
+            model = dar.Tokenizer(dar.tokenizer_config(args.preset, **{
+                k: v for k, v in sizes.items() if v is not None}))
         except ValueError as e:  # an image size the patch sizes do not divide
             raise ValueError(f"--image-size {args.image_size}: {e}") from None
-    log = dar.open_run(args, ckpt, rank)           # this trainer's now: locked, logged
+    log = dar.open_run(args, ckpt, rank)           # the run directory is this trainer's now
     if note:
         log(note)
-    model.to(device).set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = dar.make_optimizer(model, args.lr, args.weight_decay, args.beta2, device.type == "cuda")
-    step = dar.restore(ckpt, model, optimizer)
-    ema = dar.make_ema(model, ckpt, args.ema_decay)
+    for m in (model.encoder, model.decoder, model.dit):
+        m.grad_checkpointing = args.grad_checkpointing
+    optimizer = dar.make_optimizer(model.to(device), args.lr, args.weight_decay, args.beta2,
+                                   fused=device.type == "cuda")
+    step, ema = dar.restore(ckpt, model, optimizer, args.ema_decay)
 
-    # ---- data: endless micro-batches from this step on (the same on resume and on N processes)
+    # ---- the data and the two extra losses of eq. 7
     size = model.cfg.image_size
     crop = functools.partial(augment if args.augment else centre, size=size)
     dataset = dar.build_dataset(args.data, crop, seed=args.seed)
-    sampler = dar.GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world,
-                                     args.seed, step)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                               num_workers=args.workers, pin_memory=device.type == "cuda",
-                                               worker_init_fn=dar.worker_init))
-    micro, accum = sampler.micro, sampler.accum    # global batch = processes x micro x accum
-    first = {label: i for i, label in reversed(list(enumerate(dataset.labels)))}
-    picks = sorted(first.values()) + list(range(0, len(dataset), max(1, len(dataset) // 8)))
-    shown = torch.stack([centre(dataset.image(i), None, size) for i in picks[:8]]).to(device)
+    batches, accum = dar.batches(dataset, args, rank, world, step, device)
+    first = {label: i for i, label in reversed(list(enumerate(dataset.labels)))}  # of each class
+    picks = (sorted(first.values()) + list(range(0, len(dataset), len(dataset) // 8 + 1)))[:8]
+    shown = torch.stack([centre(dataset.image(i), None, size) for i in picks]).to(device)
     random_nets = args.loss_backbones == "random"
     lpips = build_lpips(random_nets, device) if args.lpips_weight > 0 else None
-    repa = RepaTarget(random_nets).to(device) if args.repa_weight > 0 else None
-
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} px"
-        f" | {len(dataset)} images | {world} process(es) x micro-batch {micro} x {accum} "
-        f"accumulation = {args.global_batch} | {args.max_steps} steps | {device}, "
-        f"{torch.get_num_threads()} threads")
+    repa = RepaTarget(random_nets).to(device) if repa else None
+    net = dar.wrap(model, args, device, world)     # torch.compile, DDP
+    log(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} "
+        f"px | {len(dataset)} images | {args.global_batch} a step: {world} process(es) x "
+        f"{accum} micro-batches | {args.max_steps} steps | {device}, {torch.get_num_threads()} "
+        f"threads")
 
     # ---- the loop
-    stop = dar.catch_stop()                        # Ctrl-C / SIGTERM: save, then stop
-    meter, stopping = dar.Meter(step if ckpt else None), False
-    pbar = tqdm(total=args.max_steps, initial=step, disable=rank > 0, dynamic_ncols=True, unit="step")
+    stop, meter = dar.catch_stop(), dar.Meter(step if ckpt else None)  # Ctrl-C: save, stop
+    pbar, stopping = tqdm(total=args.max_steps, initial=step, disable=rank > 0), False
     while step < args.max_steps and not stopping:
         for group in optimizer.param_groups:
             group["lr"] = dar.get_lr(step, args)
         for m in range(accum):
-            images = next(batches)[0].to(device, non_blocking=True)
+            images, _ = next(batches)
             # t, the noise and the rest of this micro-batch's draws, as in an uninterrupted run
             torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
             if world > 1:  # DDP averages the gradients in the last micro-batch's backward only
@@ -218,14 +211,15 @@ def main(argv=None):
                 loss, terms, codes = dar.tokenizer_loss(net, images, lpips, repa,
                                                         args.lpips_weight, args.repa_weight)
             (loss / accum).backward()
-            # the share of the codebook this micro-batch uses, without a sync (no unique())
-            used = torch.zeros(model.cfg.codebook_size, device=device).index_fill_(0, codes.flatten(), 1)
+            # the share of the codebook in use, without a host-device sync (no unique())
+            used = torch.zeros(model.cfg.codebook_size, device=device)
+            used.index_fill_(0, codes.flatten(), 1)
             meter.add(1 / accum, loss=loss, **terms, codes_used=used.mean())
         meter.add(grad=dar.optimizer_step(model, optimizer, ema, args))  # clip, AdamW, EMA
         step += 1
         pbar.update()
         stopping = dar.end_step(args, step, meter, stop, log, model, ema, optimizer,
-                                ("img", args.global_batch))  # log; ckpt.pt if finite
+                                ("img", args.global_batch))  # logs; saves when due and finite
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             save_samples(ema or model, shown, step, args.out)  # the EMA is what sample.py uses
     pbar.close()
