@@ -35,6 +35,7 @@ code and says so. Shapes are noted as (B, N, D).
 """
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import gzip
@@ -1342,12 +1343,6 @@ def wrap(model, args, device, world):  # torch.compile and DDP around the model,
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 
 
-def step_seed(seed, step, micro):
-    """A micro-batch draws all (t, noise, dropout) after reseeding with this: a resumed run
-    draws as the uninterrupted one, on 1 or N processes."""
-    return (seed * 1_000_003 + step * 10_007 + micro) % (2 ** 63)
-
-
 def get_lr(step, args):
     """Linear warm-up over --warmup steps, constant, linear to 1e-5 over the last --decay-steps
     (the paper's GPT; the official tokenizer run has no decay: its EMA averages)."""
@@ -1375,9 +1370,24 @@ def restore(ckpt, model, optimizer, decay):
     return (ckpt["step"] if ckpt else 0), ema
 
 
-def optimizer_step(model, optimizer, ema, args):
-    """Clip the gradient norm, step AdamW, clear the gradients, ema <- decay ema + (1 - decay)
-    model -> the norm before clipping."""
+@contextlib.contextmanager
+def micro_batch(net, args, step, m, accum):
+    """The forward of micro-batch m of a step: its draws (t, noise, dropout) after reseeding with
+    (seed, step, m), so a resumed run draws as the uninterrupted one, on any number of processes;
+    DDP's gradient sync in the last micro-batch's backward only; bf16 autocast if asked."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.manual_seed((args.seed * 1_000_003 + step * 10_007 + rank * accum + m) % 2 ** 63)
+    if isinstance(net, DDP):
+        net.require_backward_grad_sync = m == accum - 1
+    with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
+        yield
+
+
+def optimizer_step(model, optimizer, ema, step, args):
+    """AdamW at the step's learning rate (get_lr), after clipping the gradient norm; then
+    ema <- decay ema + (1 - decay) model. -> the norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, args)
     norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1388,46 +1398,52 @@ def optimizer_step(model, optimizer, ema, args):
     return norm
 
 
-class Meter:
-    """The loss terms since the last read, summed on the device (no sync a step: nanoGPT reads
-    its loss at log time only too); and the step ckpt.pt holds."""
+class Progress:
+    """The loop's bookkeeping: a progress bar; the loss terms since the last read, summed on the
+    device (no sync a step: nanoGPT reads its loss at log time only too); Ctrl-C and SIGTERM,
+    caught (the loop saves, then stops); the step ckpt.pt holds."""
 
-    def __init__(self, saved):
-        self.sums, self.steps, self.t0, self.saved = {}, 0, time.time(), saved
+    def __init__(self, args, step, ckpt, rank):
+        self.sums, self.steps, self.t0, self.saved, self.caught = {}, 0, time.time(), None, []
+        self.saved = step if ckpt else None
+        self.bar = tqdm(total=args.max_steps, initial=step, disable=rank > 0)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda n, _: self.caught.append(signal.Signals(n).name))
 
     def add(self, scale=1.0, **terms):  # one micro-batch's (or step's) tensors, times scale
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * scale
 
 
-def end_step(args, step, meter, stop, log, model, ema, optimizer, unit, **extra):
-    """The end of a step, both trainers' -> stop? Every --log-every steps, at a checkpoint and a
+def end_step(args, step, progress, log, model, ema, optimizer, unit, **extra):
+    """The end of a step in both trainers -> stop? Every --log-every steps, at a checkpoint and a
     stop, the losses are read and logged; a non-finite loss or weight stops the run before a
-    save, so ckpt.pt keeps its last good step. ckpt.pt: --ckpt-every, the end and a stop."""
+    save, so ckpt.pt keeps its last good step. ckpt.pt: --ckpt-every, the end, a stop."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    meter.steps += 1
+    p, first = progress, world == 1 or torch.distributed.get_rank() == 0
+    p.steps += 1
+    p.bar.update()
     save = step % args.ckpt_every == 0 or step == args.max_steps
-    if not (save or stop and world == 1 or step % args.log_every == 0):
+    if not (save or p.caught and world == 1 or step % args.log_every == 0):
         return False
     # the means over the steps and processes, and any process's stop flag: one all-reduce
-    flag = torch.tensor(float(bool(stop)), device=meter.sums["loss"].device)
-    values = torch.stack([*meter.sums.values(), flag])
+    flag = torch.tensor(float(bool(p.caught)), device=p.sums["loss"].device)
+    values = torch.stack([*p.sums.values(), flag])
     if world > 1:
         torch.distributed.all_reduce(values)
     *sums, stopping = (values / world).tolist()
-    means = {k: v / meter.steps for k, v in zip(meter.sums, sums)}
-    rate = unit[1] * meter.steps / (time.time() - meter.t0)
-    meter.sums, meter.steps, meter.t0 = {}, 0, time.time()
-    lr, first = optimizer.param_groups[0]["lr"], world == 1 or torch.distributed.get_rank() == 0
+    means = {k: v / p.steps for k, v in zip(p.sums, sums)}
+    rate, lr = unit[1] * p.steps / (time.time() - p.t0), optimizer.param_groups[0]["lr"]
+    p.sums, p.steps, p.t0 = {}, 0, time.time()
     log(f"step {step}/{args.max_steps} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
         + f" | lr {lr:.2e} | {rate:.1f} {unit[0]}/s")
     if first:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(dict(step=step, lr=lr, **means)) + "\n")
-    weights = [p for m in (model, ema) if m is not None for p in m.parameters()]
+    weights = [w for m in (model, ema) if m is not None for w in m.parameters()]
     if not (all(map(math.isfinite, means.values())) and
-            torch.stack([p.isfinite().all() for p in weights]).all()):
-        held = f"{args.out}/ckpt.pt keeps step {meter.saved}" if meter.saved else "none saved"
+            torch.stack([w.isfinite().all() for w in weights]).all()):
+        held = f"{args.out}/ckpt.pt keeps step {p.saved}" if p.saved else "none saved"
         raise ValueError(f"non-finite loss or weights at step {step}: {held}; try a lower --lr")
     if save or stopping:
         if first:
@@ -1435,25 +1451,19 @@ def end_step(args, step, meter, stop, log, model, ema, optimizer, unit, **extra)
                             optimizer=optimizer.state_dict(), args=vars(args), **extra)
         if world > 1:
             torch.distributed.barrier()
-        meter.saved = step
+        p.saved = step
     return stopping > 0
 
 
-def catch_stop():
-    """Ctrl-C / SIGTERM go into the list returned, which the loop reads (to save and stop)."""
-    caught = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda n, _: caught.append(signal.Signals(n).name))
-    return caught
-
-
-def finish(stopping, stop, step, args, log):  # a run a signal stopped: one line, exit status 1
+def finish(progress, step, args, log):  # a run a signal stopped: one line, exit status 1
+    progress.bar.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if stopping:
+    if step < args.max_steps:
         first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        sys.exit(f"stopped by {stop[0] if stop else 'another process'} at step {step}: "
-                 f"{args.out}/ckpt.pt (the same command resumes)" if first else 1)
+        by = progress.caught[0] if progress.caught else "another process"
+        sys.exit(f"stopped by {by} at step {step}: {args.out}/ckpt.pt (the same command "
+                 f"resumes)" if first else 1)
     log(f"done: {args.out}/ckpt.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -182,33 +182,24 @@ def main(argv=None):
         f"{args.max_steps} steps | {device}, {torch.get_num_threads()} threads")
 
     # ---- the loop
-    stop, meter = dar.catch_stop(), dar.Meter(step if ckpt else None)  # Ctrl-C: save, stop
-    pbar, stopping = tqdm(total=args.max_steps, initial=step, disable=rank > 0), False
+    progress, stopping = dar.Progress(args, step, ckpt, rank), False  # a bar, the losses, Ctrl-C
     while step < args.max_steps and not stopping:
-        for group in optimizer.param_groups:
-            group["lr"] = dar.get_lr(step, args)
         for m in range(accum):
             codes, labels = next(batches)
-            # class dropout, dropout and the rest of this micro-batch's draws, as if never stopped
-            torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
-            if world > 1:  # DDP averages the gradients in the last micro-batch's backward only
-                net.require_backward_grad_sync = m == accum - 1
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            with dar.micro_batch(net, args, step, m, accum):  # its seed, DDP sync, autocast
                 loss = dar.ar_loss(net, codes, labels, c.class_dropout, c.num_classes)
             (loss / accum).backward()
-            meter.add(1 / accum, loss=loss)
-        meter.add(grad=dar.optimizer_step(model, optimizer, ema, args))  # clip, AdamW, EMA
+            progress.add(1 / accum, loss=loss)
+        progress.add(grad=dar.optimizer_step(model, optimizer, ema, step, args))  # lr, clip, EMA
         step += 1
-        pbar.update()
-        stopping = dar.end_step(args, step, meter, stop, log, model, ema, optimizer,
+        stopping = dar.end_step(args, step, progress, log, model, ema, optimizer,
                                 ("tok", args.global_batch * c.block_size), **recorded)
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             labels = torch.arange(min(10, c.num_classes), device=device).repeat_interleave(4)
             grid = dar.draw(tok, (ema or model).eval(), labels, args.seed, args.guidance)[-1]
             dar.save_grid(grid, f"{args.out}/samples/ar_{step:07d}.png", nrow=4)  # 4 a class
             model.train()
-    pbar.close()
-    dar.finish(stopping, stop, step, args, log)
+    dar.finish(progress, step, args, log)
 
 
 if __name__ == "__main__":

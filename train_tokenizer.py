@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import dar
 
@@ -178,7 +177,7 @@ def main(argv=None):
                                    fused=device.type == "cuda")
     step, ema = dar.restore(ckpt, model, optimizer, args.ema_decay)
 
-    # ---- the data and the two extra losses of eq. 7
+    # ---- the data
     size = model.cfg.image_size
     crop = functools.partial(augment if args.augment else centre, size=size)
     dataset = dar.build_dataset(args.data, crop, seed=args.seed)
@@ -186,44 +185,35 @@ def main(argv=None):
     first = {label: i for i, label in reversed(list(enumerate(dataset.labels)))}  # of each class
     picks = (sorted(first.values()) + list(range(0, len(dataset), len(dataset) // 8 + 1)))[:8]
     shown = torch.stack([centre(dataset.image(i), None, size) for i in picks]).to(device)
-    random_nets = args.loss_backbones == "random"
-    lpips = build_lpips(random_nets, device) if args.lpips_weight > 0 else None
-    repa = RepaTarget(random_nets).to(device) if repa else None
     net = dar.wrap(model, args, device, world)     # torch.compile, DDP
     log(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} "
         f"px | {len(dataset)} images | {args.global_batch} a step: {world} process(es) x "
         f"{accum} micro-batches | {args.max_steps} steps | {device}, {torch.get_num_threads()} "
         f"threads")
 
-    # ---- the loop
-    stop, meter = dar.catch_stop(), dar.Meter(step if ckpt else None)  # Ctrl-C: save, stop
-    pbar, stopping = tqdm(total=args.max_steps, initial=step, disable=rank > 0), False
+    # ---- the loop, with the extra losses of eq. 7 (their networks, frozen)
+    random_nets = args.loss_backbones == "random"
+    lpips = build_lpips(random_nets, device) if args.lpips_weight > 0 else None
+    repa = RepaTarget(random_nets).to(device) if repa else None
+    progress, stopping = dar.Progress(args, step, ckpt, rank), False  # a bar, the losses, Ctrl-C
     while step < args.max_steps and not stopping:
-        for group in optimizer.param_groups:
-            group["lr"] = dar.get_lr(step, args)
         for m in range(accum):
             images, _ = next(batches)
-            # t, the noise and the rest of this micro-batch's draws, as in an uninterrupted run
-            torch.manual_seed(dar.step_seed(args.seed, step, rank * accum + m))
-            if world > 1:  # DDP averages the gradients in the last micro-batch's backward only
-                net.require_backward_grad_sync = m == accum - 1
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            with dar.micro_batch(net, args, step, m, accum):  # its seed, DDP sync, autocast
                 loss, terms, codes = dar.tokenizer_loss(net, images, lpips, repa,
                                                         args.lpips_weight, args.repa_weight)
             (loss / accum).backward()
             # the share of the codebook in use, without a host-device sync (no unique())
             used = torch.zeros(model.cfg.codebook_size, device=device)
             used.index_fill_(0, codes.flatten(), 1)
-            meter.add(1 / accum, loss=loss, **terms, codes_used=used.mean())
-        meter.add(grad=dar.optimizer_step(model, optimizer, ema, args))  # clip, AdamW, EMA
+            progress.add(1 / accum, loss=loss, **terms, codes_used=used.mean())
+        progress.add(grad=dar.optimizer_step(model, optimizer, ema, step, args))  # lr, clip, EMA
         step += 1
-        pbar.update()
-        stopping = dar.end_step(args, step, meter, stop, log, model, ema, optimizer,
+        stopping = dar.end_step(args, step, progress, log, model, ema, optimizer,
                                 ("img", args.global_batch))  # logs; saves when due and finite
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             save_samples(ema or model, shown, step, args.out)  # the EMA is what sample.py uses
-    pbar.close()
-    dar.finish(stopping, stop, step, args, log)
+    dar.finish(progress, step, args, log)
 
 
 if __name__ == "__main__":
