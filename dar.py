@@ -14,13 +14,13 @@ script (train_tokenizer.py, train_ar.py, sample.py, eval_fid.py) showing its who
   PART I: D-AR
     section 1   configs
     section 2   shared pieces: RoPE, attention, blocks
-    section 3   vector quantiser                                  (eq. 1)
-    section 4   encoder: image -> N query tokens                    (eq. 1)
+    section 3   vector quantiser (eq. 1)
+    section 4   encoder: image -> N query tokens (eq. 1)
     section 5   token decoder: codes -> conditioning tokens z'
-    section 6   pixel DiT: the velocity network                     (eqs. 2-4)
-    section 7   condition schedule                                  (eqs. 5, 8)
-    section 8   the tokenizer: its sampler loop and its loss        (eqs. 7, 8)
-    section 9   the autoregressive model: Llama with a KV cache     (eq. 6)
+    section 6   pixel DiT: the velocity network (eqs. 2-4)
+    section 7   condition schedule (eqs. 5, 8)
+    section 8   the tokenizer: its sampler loop and its loss (eqs. 7, 8)
+    section 9   the autoregressive model: Llama with a KV cache (eq. 6)
     section 10  generation: guidance, streaming into the decoder
     section 11  presets
   PART II: what the scripts share
@@ -37,6 +37,7 @@ code and says so. Shapes are noted as (B, N, D).
 import argparse
 import contextlib
 import copy
+import ctypes
 import fcntl
 import gzip
 import hashlib
@@ -49,6 +50,7 @@ import re
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -60,18 +62,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-# =============================================================================
-#                                 PART I: D-AR
-# =============================================================================
+# ===== PART I: D-AR =====
 
-# -- section 1. Configs: a dataclass per model, saved in every checkpoint (asdict): a checkpoint
-# alone rebuilds its model
+# -- section 1. Configs: a dataclass a model, saved in every checkpoint (it alone rebuilds one)
 
 @dataclass
 class TokenizerConfig:
-    """The sequential diffusion tokenizer. Defaults are tokenizer_v1 (307.4M parameters)."""
+    """The sequential diffusion tokenizer. Defaults: tokenizer_v1 (307.4M parameters)."""
     image_size: int = 256
-    patch_size: int = 16      # encoder patches: (256/16)^2 = 256 patch tokens
+    patch_size: int = 16      # encoder patches: (256/16)^2 = 256
     enc_dim: int = 768
     enc_layers: int = 8
     dec_dim: int = 768        # token decoder width = width of the conditioning tokens z'
@@ -79,23 +78,22 @@ class TokenizerConfig:
     num_tokens: int = 256     # N, the length of the 1D code
     num_groups: int = 8       # K: N/K tokens condition each diffusion step
     codebook_size: int = 16384
-    vq_dim: int = 8           # codes live in a tiny 8-d space (l2-normalised, LlamaGen style)
+    vq_dim: int = 8           # codes live in a tiny 8-d space
     query_rank: int = 8       # the N queries are low rank: Embedding(., 8) -> Linear(8, enc_dim)
-    max_tokens: int = 1024    # rows of the query and position tables (official: 1024, N used)
+    max_tokens: int = 1024    # rows of the query and position tables (N used)
     dit_dim: int = 768
     dit_depth: int = 12
     dit_patch_size: int = 8   # pixel patches: 8x8x3 = 192 values a token, 1024 at 256 px
-    head_dim: int = 64        # every attention has 64-d heads (2D RoPE: 32 dims per axis)
+    head_dim: int = 64        # every attention's (2D RoPE: 32 dims per axis)
     mlp_ratio: int = 4
     data_std: float = 0.6     # the DiT sees image * 0.6: a lower signal-to-noise ratio at
                               # every t, more of the path at high noise (as pixels need)
     time_shift: float = 2.0   # beta: times t = u / (u + beta (1 - u)) for uniform u (eq. 8)
     sample_steps: int = 8     # decoder steps by default (8 = K: one per group)
-    repa_layer: int = 8       # REPA: DiT features before this block are aligned with DINOv2
-    repa_dim: int = 768       # DINOv2 ViT-B/14 width; 0: no projector (inference only)
+    repa_layer: int = 8       # REPA aligns the DiT's features before this block with DINOv2
+    repa_dim: int = 768       # DINOv2 ViT-B/14's width; 0: no projector
     repa_hidden: int = 2048
     rope_theta: float = 10000.0
-    gate_init: float = 0.0    # residual gates of encoder and token decoder (official: 0)
 
     def __post_init__(self):
         if self.num_tokens % self.num_groups or self.num_tokens > self.max_tokens:
@@ -110,7 +108,7 @@ class TokenizerConfig:
 
 @dataclass
 class GPTConfig:
-    """The autoregressive model: LlamaGen's GPT, an unmodified Llama. Defaults are GPT-L."""
+    """The autoregressive model: LlamaGen's GPT, an unmodified Llama. Defaults: GPT-L."""
     dim: int = 1024
     n_layer: int = 24
     n_head: int = 16
@@ -119,7 +117,7 @@ class GPTConfig:
     num_classes: int = 1000   # the class table has one more row, the null class
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    multiple_of: int = 256    # the SwiGLU hidden size is a multiple of this
+    multiple_of: int = 256    # of the SwiGLU hidden size
     token_dropout: float = 0.1
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
@@ -141,35 +139,33 @@ def ln(x):  # LayerNorm without affine (eps 1e-6): all of the tokenizer's bare n
 
 
 def rope_2d(h, w, head_dim, theta, device=None):
-    """2D RoPE tables of an h x w grid, row-major: cos, sin (h*w, head_dim/2). Pair j turns by
-    pos * theta^(-2j/d_axis): the first head_dim/4 pairs by the row (y), the rest by the column
-    (x), 32 dims per axis for 64-d heads (Flux). float64, then float32, as the official code."""
+    """2D RoPE of an h x w grid, row-major: e^(i angle) (h*w, head_dim/2). Pair j turns by pos *
+    theta^(-2j/d_axis): the first head_dim/4 pairs by the row (y), the rest by the column (x),
+    32 dims per axis for 64-d heads (Flux). float64, then float32, as the official code."""
     d_axis = head_dim // 2
     arange = lambda n: torch.arange(n, dtype=torch.float64, device=device)
     inv_freq = 1.0 / theta ** (arange(d_axis)[::2] / d_axis)
     ys, xs = torch.meshgrid(arange(h), arange(w), indexing="ij")
     angles = torch.cat([ys.reshape(-1, 1) * inv_freq, xs.reshape(-1, 1) * inv_freq], dim=1)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def rope_1d(pos, head_dim, base):  # positions (T,) -> cos, sin (T, head_dim/2), as LlamaGen
+def rope_1d(pos, head_dim, base):  # positions (T,) -> e^(i angle) (T, head_dim/2), as LlamaGen
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
     angles = pos.float()[:, None] * inv_freq[None]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x, rope):
-    """Turn the pairs (0,1), (2,3), ... of x (..., hd) by rope = (cos, sin) (..., hd/2), in
-    float32 whatever x's dtype."""
-    cos, sin = rope
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., hd/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Turn the pairs (0,1), (2,3), ... of x (..., hd), as complex numbers, by rope (..., hd/2),
+    in float32 whatever x's dtype (one complex product: a rotation)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK-norm (a LayerNorm a head), all of the tokenizer's; across,
-    the context (z') has no place on the image grid: RoPE turns the queries only."""
+    """Multi-head attention with QK-norm (a LayerNorm a head), the tokenizer's; across to z',
+    which has no place on the image grid, RoPE turns the queries only."""
 
     def __init__(self, dim, head_dim=64, cross=False):
         super().__init__()
@@ -225,13 +221,14 @@ class GatedBlock(nn.Module):
         self.gate2 = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, rope=None, mask=None, causal=False):
-        x = x + self.gate1 * self.attn(self.norm1(x), rope=rope, mask=mask, causal=causal)
-        return x + self.gate2 * self.mlp(self.norm2(x))
+        x = torch.addcmul(x, self.gate1, self.attn(self.norm1(x), rope=rope, mask=mask,
+                                                   causal=causal))   # x + g1 * Attn(LN(x))
+        return torch.addcmul(x, self.gate2, self.mlp(self.norm2(x)))
 
 
 def run_blocks(blocks, x, use_checkpoint, *args, **kwargs):
-    """The blocks in turn; use_checkpoint (training): each block's activations are recomputed
-    in backward, not stored (less memory, ~30% more compute)."""
+    """The blocks in turn; use_checkpoint (training): activations recomputed in backward, not
+    stored (less memory, ~30% more compute)."""
     for block in blocks:
         if use_checkpoint and torch.is_grad_enabled():
             x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
@@ -250,22 +247,18 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.codebook = nn.Embedding(codebook_size, dim)
 
-    def entries(self):
-        return F.normalize(self.codebook.weight, dim=-1)  # (V, d)
-
     def forward(self, z):
         """z (B, N, d) -> (z_q (B, N, d), codes (B, N), normalised z (B, N, d) for the losses)."""
         # on the sphere, nearest in L2 is nearest in angle: a tiny 8-d code space whose entries
         # all stay in use better than unnormalised ones (LlamaGen, ViT-VQGAN)
-        z = F.normalize(z, dim=-1)
-        e = self.entries()
+        z, e = F.normalize(z, dim=-1), F.normalize(self.codebook.weight, dim=-1)  # e (V, d)
         # ||z||^2 + ||e||^2 - 2 z.e written out as the official code, so near-ties break alike
         dist = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, V)
         codes = dist.argmin(-1)
         return e[codes], codes, z
 
-    def lookup(self, codes):
-        return self.entries()[codes]  # (B, N) -> (B, N, d)
+    def lookup(self, codes):  # (B, N) -> (B, N, d)
+        return F.normalize(self.codebook.weight, dim=-1)[codes]
 
     @staticmethod
     def losses(z_q, z, mask):
@@ -295,7 +288,7 @@ class Encoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> z (B, N, vq_dim), before normalisation."""
+        """images (B, 3, H, W) in [-1, 1] -> z (B, N, vq_dim), unnormalised."""
         N, B = self.cfg.num_tokens, images.shape[0]
         # 1. patches: a 16x16 convolution with stride 16, normalised (no affine)
         x = self.patch_embed(images)                                   # (B, D, h, w)
@@ -306,12 +299,11 @@ class Encoder(nn.Module):
         queries = self.query_proj(self.query_embed.weight[:N])         # (N, D)
         x = torch.cat([x, queries.expand(B, -1, -1)], dim=1)           # (B, P + N, D)
         # 3. one transformer over [patches ; queries]. The mask: patches see all patches and no
-        #    query; query i sees the image and queries <= i, never a later one. So the codes
-        #    come in an order, and training gives it its meaning: the first groups alone must
-        #    steer the noisy, coarse steps (eq. 5), the later ones add what they left out
-        cos, sin = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
-        rope = (torch.cat([cos, cos.new_ones(N, cos.shape[1])]),      # the identity rotation
-                torch.cat([sin, sin.new_zeros(N, sin.shape[1])]))      # for the queries
+        #    query; query i sees the image and queries <= i. So the codes come in an order, and
+        #    training gives it its meaning: the first groups alone steer the noisy, coarse steps
+        #    (eq. 5), the later ones add what those left out
+        rope = rope_2d(h, w, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        rope = torch.cat([rope, rope.new_ones(N, rope.shape[1])])     # queries: no rotation
         i = torch.arange(P + N, device=x.device)
         mask = (i[None, :] < P) | (i[None, :] <= i[:, None])           # (P+N, P+N)
         x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=rope, mask=mask)
@@ -321,9 +313,8 @@ class Encoder(nn.Module):
 # -- section 5. Token decoder: codes -> conditioning tokens z' (causal, adds nonlinearity)
 
 class TokenDecoder(nn.Module):
-    """Codes (B, N, vq_dim) -> z' (B, N, dec_dim) through causal self-attention. A code means
-    little alone (8 dims): z'_i reads the codes before it, and only those (the AR property), so
-    a group of z' exists as soon as its tokens do."""
+    """Codes (B, N, vq_dim) -> z' (B, N, dec_dim) by causal self-attention: a code means little
+    alone (8 dims), so z'_i reads the codes before it, and only those (the AR property)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -333,22 +324,22 @@ class TokenDecoder(nn.Module):
                                     for _ in range(cfg.dec_layers))
         self.grad_checkpointing = False
 
-    def forward(self, z_q):
-        x = self.from_code(z_q) + self.pos_embed.weight[:z_q.shape[1]]  # (B, N, D)
+    def forward(self, z_q):  # in the weights' dtype (see draw)
+        pos = self.pos_embed.weight[:z_q.shape[1]]
+        x = self.from_code(z_q.to(pos.dtype)) + pos                    # (B, N, D)
         return ln(run_blocks(self.blocks, x, self.grad_checkpointing, causal=True))
 
-# -- section 6. Pixel diffusion decoder (eqs. 2-4): a DiT on raw pixels, cross-attending to one
-# group of z'
+# -- section 6. Pixel diffusion decoder (eqs. 2-4): a DiT on raw pixels, conditioned on z'
 
-def timestep_embedding(t, dim, max_period=10000):  # (B,) -> (B, dim): [cos t f_j, sin t f_j]
+def timestep_embedding(t, dim):  # (B,) -> (B, dim): [cos t f_j, sin t f_j], f_j = 10^(-4 j/half)
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+def modulate(x, shift, scale):  # x (1 + scale) + shift
+    return torch.addcmul(x + shift, x, scale)
 
 
 class DiTBlock(nn.Module):
@@ -368,20 +359,20 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(dim, 6 * dim)
 
     def forward(self, x, t, cond, rope):
-        # x (B, L, D) patches; t (B,) in [0, 1]; cond (B, G, D); rope (L, hd/2) x 2. t is scaled
-        # by 1000 (DiT's timesteps 0..999): the sinusoid's periods run from 2 pi to 10000 * 2 pi,
-        # so on [0, 1] most frequencies would see an almost constant phase
-        t_emb = self.t_embed(timestep_embedding(t * 1000, x.shape[-1]))[:, None]  # (B, 1, D)
+        # x (B, L, D); t (B,); cond (B, G, D); rope (L, hd/2). t is scaled by 1000 (DiT's
+        # timesteps): the sinusoid's periods run from 2 pi to 10000 * 2 pi, so on [0, 1] most
+        # frequencies would see an almost constant phase
+        t_emb = self.t_embed(timestep_embedding(t * 1000, x.shape[-1]).to(x.dtype))[:, None]
         c = ln(self.c_embed(cond))                                                # (B, G, D)
         h = ln(x)
-        # each patch asks the G condition tokens what to become: a spatial condition, unlike
-        # DiT's one class vector; RoPE on the queries tells the tokens where the patch is
+        # each patch asks the G condition tokens what to become (a spatial condition, unlike
+        # DiT's class vector); RoPE on the queries tells them where the patch is
         sc = self.cross_attn(h, context=c, rope=rope)                             # (B, L, D)
         # AdaLN-Zero with a per-patch (t + condition) vector: 6 modulations of width D
         mods = self.ada(F.silu(t_emb + sc)).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        x = x + gate_a * self.attn(modulate(h, shift_a, scale_a), rope=rope)
-        return x + gate_m * self.mlp(modulate(ln(x), shift_m, scale_m))
+        x = torch.addcmul(x, gate_a, self.attn(modulate(h, shift_a, scale_a), rope=rope))
+        return torch.addcmul(x, gate_m, self.mlp(modulate(ln(x), shift_m, scale_m)))
 
 
 class PixelDiT(nn.Module):
@@ -399,11 +390,9 @@ class PixelDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.head_dim, cfg.mlp_ratio)
                                     for _ in range(cfg.dit_depth))
         self.out = nn.Linear(D, 3 * p * p)      # official: 1x1 conv
-        # the 2D RoPE tables, built once (not saved: derived)
+        # the 2D RoPE table, built once (not saved: derived; complex: kept by .to(bfloat16))
         g = cfg.image_size // p
-        cos, sin = rope_2d(g, g, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_2d(g, g, cfg.head_dim, cfg.rope_theta), persistent=False)
         # REPA projector (training only): DiT features -> the width of DINOv2's patch tokens
         R = cfg.repa_hidden
         self.repa = nn.Sequential(nn.Linear(D, R), nn.SiLU(), nn.Linear(R, R), nn.SiLU(),
@@ -415,23 +404,20 @@ class PixelDiT(nn.Module):
         B, C, H, W = x.shape
         p = self.cfg.dit_patch_size
         h, w = H // p, W // p
+        x, cond = x.to(self.out.weight.dtype), cond.to(self.out.weight.dtype)  # (see draw)
         cond = ln(self.cond_proj(cond))                                    # (B, G, D)
         # patches by rearrangement: (B, C, h p, w p) -> (B, h w, C p p), channel order (c, p1, p2)
         x = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         x = self.x_embed(x)                                                # (B, L, D)
-        rope, feats = (self.rope_cos, self.rope_sin), None
+        feats = None
         for i, block in enumerate(self.blocks):
-            if repa and i == self.cfg.repa_layer:
-                feats = self.repa_features(x, h, w)
-            x = run_blocks([block], x, self.grad_checkpointing, t, cond, rope)
+            if repa and i == self.cfg.repa_layer:  # REPA: the features average-pooled to 16x16
+                # (DINOv2 ViT-B/14's grid at 224 px; smaller, repeated), projected (B, 256, C)
+                grid = F.adaptive_avg_pool2d(x.transpose(1, 2).unflatten(2, (h, w)), 16)
+                feats = self.repa(grid.flatten(2).transpose(1, 2))
+            x = run_blocks([block], x, self.grad_checkpointing, t, cond, self.rope)
         x = self.out(ln(x))                                                # (B, L, C p p)
         return x.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W), feats
-
-    def repa_features(self, x, h, w):
-        # the patch features average-pooled to 16x16 (DINOv2 ViT-B/14's grid at 224 px; a
-        # smaller grid is repeated), then projected: (B, L, D) -> (B, 256, repa_dim)
-        grid = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        return self.repa(F.adaptive_avg_pool2d(grid, 16).flatten(2).transpose(1, 2))
 
 # -- section 7. Condition schedule (eqs. 5, 8): which group of tokens conditions which time
 
@@ -459,8 +445,7 @@ def sampling_schedule(steps, K, beta):
     times = shift_time(torch.tensor(t_u + [1.0], dtype=torch.float32), beta)
     return times, [group_index(t, K) for t in t_u]
 
-# -- section 8. The sequential diffusion tokenizer: its decoding loop (eq. 8) and its training
-# objective (eq. 7)
+# -- section 8. The sequential diffusion tokenizer: its sampler (eq. 8) and objective (eq. 7)
 
 class Tokenizer(nn.Module):
     """Encoder + quantiser + token decoder + pixel DiT: encode(), decode_steps() (the sampler),
@@ -482,25 +467,19 @@ class Tokenizer(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
-        # ... whose residual branches start closed: zero gates (GatedBlock) and zero AdaLN (DiT)
-        for block in [*self.encoder.blocks, *self.decoder.blocks]:
-            nn.init.constant_(block.gate1, self.cfg.gate_init)
-            nn.init.constant_(block.gate2, self.cfg.gate_init)
-        for block in self.dit.blocks:
-            nn.init.zeros_(block.ada.weight)
-            nn.init.zeros_(block.ada.bias)
-        # the DiT starts by predicting v = 0
-        nn.init.zeros_(self.dit.out.weight)
-        nn.init.zeros_(self.dit.out.bias)
-        # low-rank queries: std 1 in the 8-d space; decoder positions: std 0.02
+        # ... whose residual branches start closed (GatedBlock: zero gates; DiT: zero AdaLN),
+        # and the DiT starts by predicting v = 0
+        for m in [*(block.ada for block in self.dit.blocks), self.dit.out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        # the queries: std 1 in their 8-d space; the decoder's positions 0.02; the codebook:
+        # small uniform, then on the unit sphere
         nn.init.trunc_normal_(self.encoder.query_embed.weight, std=1.0)
         nn.init.trunc_normal_(self.decoder.pos_embed.weight, std=0.02)
-        # codebook: small uniform, then on the unit sphere
-        V = self.cfg.codebook_size
         with torch.no_grad():
-            w = self.quantizer.codebook.weight
+            w, V = self.quantizer.codebook.weight, self.cfg.codebook_size
             w.copy_(F.normalize(w.uniform_(-1.0 / V, 1.0 / V), dim=-1))
-        # the other layers keep PyTorch's default (Kaiming-uniform) init, as the official code
+        # the rest: PyTorch's default (Kaiming-uniform), as the official code
 
     @torch.no_grad()
     def encode(self, images):  # (B, 3, H, W) in [-1, 1] -> codes (B, N) int64
@@ -516,11 +495,11 @@ class Tokenizer(nn.Module):
         [t_i, t_{i+1}] of the shifted grid:
             Euler:                    x_{i+1} = x_i + (t_{i+1} - t_i) v_i
             Adams-Bashforth 2 (AB2):  x_{i+1} = x_i + (t_{i+1} - t_i) (3/2 v_i - 1/2 v_{i-1})
-        AB2 extrapolates v from the last two calls: second order for one call a step (Table 2:
+        AB2 extrapolates v from the last two calls: second order at one call a step (Table 2:
         rFID 1.52, Euler 1.58 at 8 steps); its first step is Euler. A step yields its direction
-        taken straight to t = 1, x1_hat = x_i + (1 - t_i) d (the official clip_steps): a preview
-        from the groups so far; after the last step, the image. Streaming: `stream` (the Llama's
-        (B,) tokens) writes the codes as the steps need them (z' is causal)."""
+        taken straight to t = 1, x1_hat = x_i + (1 - t_i) d (official clip_steps): a preview
+        from the groups so far, the image after the last step. `stream` (the Llama's tokens)
+        writes the codes as the steps need them (z' is causal)."""
         if solver not in ("euler", "adams2"):
             raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'adams2'")
         cfg, B, G = self.cfg, codes.shape[0], self.cfg.group_size
@@ -552,7 +531,7 @@ class Tokenizer(nn.Module):
         t_u = torch.rand(B, device=images.device) if t_u is None else t_u
         x0 = torch.randn_like(images) if noise is None else noise
 
-        # encode, quantise; the VQ losses count the tokens up to the end of the chosen group
+        # encode, quantise; the VQ losses count the tokens up to the chosen group's end
         z_q, codes, z = self.quantizer(self.encoder(images))          # (B, N, d), (B, N), ...
         group = group_index(t_u, cfg.num_groups)                        # (B,)
         start = group * cfg.group_size
@@ -579,8 +558,7 @@ class Tokenizer(nn.Module):
                     codes=codes, group=group, t=t, cond=cond, repa_feats=repa_feats)
 
     @classmethod
-    def from_pretrained(cls, source="tokenizer_v1", use_ema=True):
-        """A released name (tokenizer_v1) or a checkpoint, ours or official; section 12."""
+    def from_pretrained(cls, source="tokenizer_v1", use_ema=True):  # a name or a file: sec. 12
         return load_model(find_weights(source, "tokenizer"), "tokenizer", use_ema)
 
 
@@ -610,9 +588,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # x / sqrt(mean(x^2) + eps) in float32 (also under bf16), then the learned gain
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+    def forward(self, x):  # x / sqrt(mean(x^2) + eps) times the gain, in float32 under bf16 too
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -622,30 +599,26 @@ class LlamaAttention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
-        self.cache = None  # generation's static KV cache: (k, v) (B, H, L, hd) (GPT.setup_cache)
+        self.cache = None  # generation's static KV cache: (k, v) (B, H, L, hd)
 
     def forward(self, x, rope, pos=None, mask=None):
         B, T, D = x.shape
         qkv = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        cos, sin = rope                                    # (T, hd/2): q and k rotated at once
-        qk = apply_rope(qkv[:, :, :2], (cos[:, None, None], sin[:, None, None]))
-        q, k = qk.permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:, :, :2], rope[:, None, None]).permute(2, 0, 3, 1, 4)  # at once
         v = qkv[:, :, 2].transpose(1, 2)                   # q, k, v: (B, H, T, hd)
         if pos is None:  # training, teacher forcing: causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # generation: k, v into the cache at pos, then attention to what it holds. A
-            # step's scores (B, H, 1, L) are a row a head: two batched matrix-vector products,
-            # which a compiler fuses with the mask and the softmax
+        else:            # generation: k, v into the cache at pos; attention to what it holds
             cache_k, cache_v = self.cache
             cache_k[:, :, pos], cache_v[:, :, pos] = k, v
-            att = (q @ cache_k.transpose(-2, -1)).float() * self.head_dim ** -0.5
-            y = torch.where(mask, att, float("-inf")).softmax(-1).type_as(v) @ cache_v
+            k, v = cache_k[:, :, :mask.shape[-1]], cache_v[:, :, :mask.shape[-1]]  # as masked
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, D)))
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), with w1 and w3 stacked in one Linear w13 (one GEMM; the official
-    checkpoints' w1, w3 are concatenated on load)."""
+    """w2(silu(w1 x) * w3 x), w1 and w3 stacked in one Linear w13 (one GEMM; concatenated on
+    loading an official checkpoint)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -706,11 +679,11 @@ class GPT(nn.Module):
         h = run_blocks(self.layers, h, self.grad_checkpointing, rope)
         return self.output(self.norm(h)).float()
 
-    # --- generation with a static KV cache (gpt-fast): prefill, then a token a step
+    # --- generation with a static KV cache (gpt-fast)
 
     def setup_cache(self, batch, length):
-        """Static KV caches of `batch` rows and `length` positions, kept for calls of the same
-        shape (a stale entry is never read: position p sees slots 0..p only)."""
+        """Static KV caches of `batch` rows, `length` slots; kept for calls of the same shape (a
+        stale slot is never read: position p sees slots 0..p)."""
         w = self.output.weight
         shape = (batch, self.cfg.n_head, length, self.cfg.head_dim)
         old = self.layers[0].attn.cache
@@ -723,8 +696,10 @@ class GPT(nn.Module):
             self.cache_mask = idx[None, :] <= idx[:, None]
 
     def forward_cached(self, h, pos):
-        """h (B, T, D) at positions pos (T,) -> logits (B, T, V), through the KV caches."""
-        mask, rope = self.cache_mask[pos], (self.cache_rope[0][pos], self.cache_rope[1][pos])
+        """h (B, T, D) at positions pos (T,) -> logits (B, T, V), through the KV caches. Eager, a
+        step reads the filled slots only; compiled, all of them, masked (static shapes)."""
+        n = len(self.cache_mask) if torch.compiler.is_compiling() else int(pos[-1]) + 1
+        mask, rope = self.cache_mask[pos, :n], self.cache_rope[pos]
         for layer in self.layers:
             h = layer(h, rope, pos, mask)
         return self.output(self.norm(h)).float()
@@ -740,12 +715,10 @@ class GPT(nn.Module):
         return self.forward_cached(self.tok_embed(token)[:, None], pos)[:, -1]
 
     @classmethod
-    def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):
-        """A released name (D-AR-L, D-AR-XL) or a checkpoint, ours or official; section 12."""
+    def from_pretrained(cls, source="D-AR-L", use_ema=True, block_size=None):  # see section 12
         return load_model(find_weights(source, "gpt"), "gpt", use_ema, block_size)
 
-# -- section 10. Generation: guidance with a linear schedule, streaming into the decoder; and the
-# AR training loss
+# -- section 10. Generation (guidance, streaming into the decoder) and the AR loss
 
 def guidance_schedule(guidance, n):
     """The guidance scale of each position (n,): linear over the tokens (the paper: 1.1 -> 8.0
@@ -775,8 +748,8 @@ def sample_logits(logits, temperature=1.0):
 @torch.no_grad()
 def generate_stream(gpt, labels, num_tokens=None, guidance=1.0, temperature=1.0, prefix=None):
     """Eq. 6 sampled left to right: the tokens (B,) of positions 0..N-1, one at a time. A prefix
-    (B, P) fixes the first P (layout control): prefilled, yielded as they are. Guided, the
-    conditional and unconditional rows run as one batch."""
+    (B, P) fixes the first P (layout control). Guided, conditional and unconditional rows run as
+    one batch."""
     N = num_tokens or gpt.cfg.block_size
     prefix = labels.new_zeros(len(labels), 0) if prefix is None else prefix.to(labels.device)
     # guidance costs a second batch (the null class); a scale of 1 skips it
@@ -827,8 +800,8 @@ def ar_loss(gpt, codes, labels, class_dropout, null_class):
 TOKENIZER_PRESETS = {
     # the paper's tokenizer: 307.4M parameters (185.1M pixel DiT, 7.3M REPA projector)
     "tokenizer_v1": dict(),
-    # minutes on 2 CPU cores: 32x32 images, 64 tokens in 4 groups; beta = 4: at this size the
-    # tokens take hold only if training dwells on noisy times; 8 steps (2K) help a young DiT
+    # minutes on 2 CPU cores: 32x32 images, 64 tokens in 4 groups; beta = 4 (at this size the
+    # tokens take hold only if training dwells on noisy times); 8 steps help a young DiT
     "tokenizer_small": dict(image_size=32, patch_size=4, enc_dim=128, enc_layers=2, dec_dim=128,
                             dec_layers=2, num_tokens=64, num_groups=4, codebook_size=512,
                             dit_dim=128, dit_depth=4, dit_patch_size=4, sample_steps=8,
@@ -857,9 +830,7 @@ def tokenizer_config(preset, **overrides):
 def gpt_config(preset, **overrides):
     return GPTConfig(**{**GPT_PRESETS[preset], **overrides})
 
-# =============================================================================
-#          PART II: what the scripts share (each holds the rest of its stage)
-# =============================================================================
+# ===== PART II: what the scripts share (each holds the rest of its stage) =====
 
 # -- section 12. Checkpoints: safe loading, the official format, the released weights by name
 
@@ -874,8 +845,7 @@ class _OfficialConfig(dict):  # the official config_util.Config, read without th
 
 
 def save_checkpoint(path, model, ema=None, **extra):
-    """kind, config, weights, the EMA's and the trainer's extras, to path.tmp, then renamed: a
-    crash or a full disk leaves the old file (and no .tmp), never half of one."""
+    """-> path.tmp, renamed: a crash or a full disk leaves the old file, never half of one."""
     kind = "dar.tokenizer" if isinstance(model, Tokenizer) else "dar.gpt"
     ema = None if ema is None else ema.state_dict()
     try:
@@ -948,8 +918,7 @@ _TOKENIZER_RENAMES = [
 
 
 def convert_official_tokenizer(sd):
-    """Official tokenizer weights -> ours, the whole difference: renames, q/k/v fused, 1x1 conv
-    weights as Linear ones, the official codebook statistics dropped."""
+    """Official tokenizer weights -> ours: renamed, q/k/v fused, 1x1 convs as Linears."""
     out = {}
     for k, v in strip_prefixes(sd).items():
         if k.endswith("quantize.codebook_used"):
@@ -985,7 +954,7 @@ def convert_official_gpt(sd):
     return out
 
 
-def gpt_config_from_weights(sd, block_size=256):  # head_dim is 64 in every D-AR preset
+def gpt_config_from_weights(sd, block_size=256):  # (64-d heads in every D-AR preset)
     vocab, dim = sd["tok_embed.weight"].shape
     return GPTConfig(dim=dim, n_layer=sum(k.endswith(".attn.wqkv.weight") for k in sd),
                      n_head=dim // 64, vocab_size=vocab, block_size=block_size,
@@ -1017,8 +986,7 @@ def load_model(path, kind, use_ema=True, block_size=None):
     if kind == "tokenizer":  # the REPA projector is training-only: built when the file has it
         cfg.repa_dim = sd["dit.repa.4.weight"].shape[0] if "dit.repa.4.weight" in sd else 0
     model = Tokenizer(cfg) if kind == "tokenizer" else GPT(cfg)
-    # a GPT of ours records its tokenizer (a name or a path), the digest of that tokenizer's
-    # codes (check_pair) and its classes' names
+    # a GPT of ours records its tokenizer, the digest of its codes (check_pair), its classes
     model.tokenizer, model.classes = ckpt.get("tokenizer"), ckpt.get("classes")
     model.tokenizer_digest = ckpt.get("tokenizer_digest")
     try:
@@ -1029,16 +997,14 @@ def load_model(path, kind, use_ema=True, block_size=None):
     return model.eval()
 
 
-# A released name is downloaded once into the Hugging Face cache (HF_ENDPOINT: a mirror;
-# HF_HUB_OFFLINE=1: the cache only); anything else is a path (DiT's find_model)
+# a released name is downloaded once into the Hugging Face cache (HF_ENDPOINT: a mirror;
+# HF_HUB_OFFLINE=1: the cache only), anything else is a path (DiT's find_model)
 HUB_REPO = "showlab/D-AR"
 RELEASES = {"tokenizer_v1": ("D-AR-tokenizer_v1.pt", "tokenizer"),  # name: (file, kind)
             "D-AR-L": ("D-AR-L-360K.pt", "gpt"), "D-AR-XL": ("D-AR-XL-360K.pt", "gpt")}
-PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's linear schedules
 
 
-def find_weights(source, kind):
-    """A released name of this kind -> its downloaded file; else a path."""
+def find_weights(source, kind):  # a released name -> its downloaded file; else a path
     names = [n for n, (_, k) in RELEASES.items() if k == kind]
     if source not in RELEASES:
         if not os.path.isfile(source):
@@ -1062,9 +1028,7 @@ def digest(*modules):  # the weights by content: a path cannot tell a run retrai
     return h.hexdigest()[:16]
 
 
-def check_pair(tok, gpt, tok_name, gpt_name):
-    """A GPT writes one tokenizer's codes: its shapes, and (ours record it) the digest of the
-    encoder and codebook that decide what a code means."""
+def check_pair(tok, gpt, tok_name, gpt_name):  # the shapes; the encoder's digest where recorded
     recorded = getattr(gpt, "tokenizer_digest", None)
     if (gpt.cfg.vocab_size, gpt.cfg.block_size) != (tok.cfg.codebook_size, tok.cfg.num_tokens) \
             or recorded and recorded != digest(tok.encoder, tok.quantizer):
@@ -1072,8 +1036,7 @@ def check_pair(tok, gpt, tok_name, gpt_name):
 
 
 
-# -- section 13. Images (PIL until they enter a model, (3, H, W) in [-1, 1] inside, (B, H, W, 3)
-# uint8 out) and data sets
+# -- section 13. Images (PIL, then (3, H, W) in [-1, 1], out (B, H, W, 3) uint8), data sets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -1094,10 +1057,9 @@ def load_image(path):
 
 
 def fit_shorter_side(img, size):
-    """Shorter side to `size` (ADM: box-filter halvings against aliasing, then bicubic); a
-    smaller image is padded with black, not blown up."""
+    """Shorter side to `size` (ADM: box halvings, then bicubic); smaller: padded, not blown up."""
     if min(img.size) < size:
-        canvas = Image.new("RGB", (max(img.size[0], size), max(img.size[1], size)))
+        canvas = Image.new("RGB", tuple(max(s, size) for s in img.size))
         canvas.paste(img, tuple((c - s) // 2 for c, s in zip(canvas.size, img.size)))
         return canvas
     while min(img.size) >= 2 * size:
@@ -1135,33 +1097,24 @@ def grid_image(images, nrow=8):
 
 
 def save_grid(images, path, nrow=8):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid_image(images, nrow).save(path)
 
 
 def list_images(folder):
-    """The image files in folder and below, sorted; links to folders are not followed (a loop
-    would list images without end)."""
+    """The images in folder and below; links to folders not followed (a loop would not end)."""
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder)
                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def load_npz(path):
-    """An .npz, opened, never unpickled; else one line naming the file (not numpy's advice to
-    unpickle)."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception:
-        z = None
-    if not isinstance(z, np.lib.npyio.NpzFile):
+def load_npz(path):  # an .npz, never unpickled; anything else is one line, not numpy's advice
+    if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not an .npz of arrays")
-    return z
+    return np.load(path, allow_pickle=False)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image, label) of files or arrays; transform(image, rng) gets an rng seeded by (seed,
-    epoch, index): the same augmentation on a resume, with any workers. Item e * n + i: image i
-    in epoch e."""
+    epoch, index): the same crops on a resume, with any workers. Item e * n + i: epoch e's i."""
 
     def __init__(self, labels, classes, files=None, arrays=None, transform=None, seed=0):
         self.labels, self.classes, self.files, self.arrays = labels, classes, files, arrays
@@ -1181,8 +1134,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return (img if self.transform is None else self.transform(img, rng)), self.labels[i]
 
     def key(self):
-        """What the images are, cheaply (paths, sizes, mtimes; or the arrays) with the labels:
-        the key of the caches of their codes and features."""
+        """What the images are, cheaply (paths, sizes, mtimes; or arrays), for caches' keys."""
         h = hashlib.sha256(json.dumps(self.labels).encode())
         for f in self.files or []:
             h.update(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}".encode())
@@ -1192,8 +1144,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(data, transform=None, train=True, seed=0):
-    """--data: an ImageFolder tree (root/<class>/<image>, as ImageNet) or fashion-mnist (Debian's
-    dataset-fashion-mnist, else torchvision's download)."""
+    """--data: an ImageFolder tree (root/<class>/<image>) or fashion-mnist (Debian's, or a
+    download)."""
     if data == "fashion-mnist":
         prefix = os.path.join(FASHION_MNIST_DIR, "train" if train else "t10k")
         if os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):  # IDX: a 16 (8) byte header, uint8
@@ -1224,9 +1176,13 @@ DEVICE = ("cuda" if torch.cuda.is_available() else
 def setup(device, threads=None, workers=0):
     """-> (rank, world size, device). Under torchrun (RANK set): a process group (NCCL, a GPU a
     process, or gloo). Threads: --threads, else this process's share of the cores less workers."""
-    there = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if not there[device]:
+    if device != DEVICE and device != "cpu":
         raise ValueError(f"--device {device}: this machine has none")
+    # glibc returns freed blocks over 32 MB to the OS and page-faults the next ones in (big ops
+    # 3x slower on a CPU): it keeps them now, as a GPU's caching allocator does
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
                                          - workers))
@@ -1239,15 +1195,15 @@ def setup(device, threads=None, workers=0):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(local)
 
 
-def worker_init(_):  # a data-loader worker: one thread; Ctrl-C is the main process's
+def worker_init(_):  # a loader worker: one thread; Ctrl-C is the main process's
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def find_run(args, kind, model_flags):
     """--out's checkpoint to go on from, or None. A run directory holds one kind of model, which
-    nothing of another kind replaces (--no-resume neither); the flags that set the model or its
-    data must be the run's own. Read only: a refusal changes no file."""
+    no other replaces (--no-resume neither); the flags that set the model or its data must be
+    the run's. Read only: a refusal changes no file."""
     path = os.path.join(args.out, "ckpt.pt")
     ckpt = load_checkpoint(path) if os.path.exists(path) else None
     if ckpt is not None and ckpt.get("kind") != f"dar.{kind}":
@@ -1263,12 +1219,12 @@ def find_run(args, kind, model_flags):
     return ckpt
 
 
-_LOCKS = {}  # run directory -> its lock file, held while this process lives
+_LOCKS = {}  # run directory -> its lock file, held while the process lives
 
 
 def open_run(args, ckpt, rank):
-    """Take --out -> log(line) (process 0 prints it, adds it to log.txt). One trainer at a time:
-    an OS lock, which dies with the process. metrics.jsonl keeps the steps before the start."""
+    """Take --out -> log(line) (process 0 prints it, into log.txt). One trainer at a time: an OS
+    lock, which dies with the process. metrics.jsonl keeps the steps before the start."""
     def log(line):
         if rank == 0:
             tqdm.write(line)
@@ -1285,8 +1241,7 @@ def open_run(args, ckpt, rank):
             raise ValueError(f"--out {args.out}: another trainer is running in it") from None
         _LOCKS[os.path.realpath(args.out)] = lock
     if ckpt:
-        changed = {k: v for k, v in vars(args).items() if ckpt["args"].get(k, v) != v}
-        log(f"resuming from {args.out}/ckpt.pt at step {ckpt['step']}, changed: {changed}")
+        log(f"resuming from {args.out}/ckpt.pt at step {ckpt['step']}")
     metrics = os.path.join(args.out, "metrics.jsonl")
     if os.path.exists(metrics):
         with open(metrics) as f:
@@ -1296,51 +1251,43 @@ def open_run(args, ckpt, rank):
     return log
 
 
-def step_of(line):  # of a metrics.jsonl line; a damaged line is dropped, not worth a run
+def step_of(line):  # of a metrics.jsonl line; a damaged one is dropped, not worth a run
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """One process's micro-batches (`accum` a step) from step `start` on. Epoch e is a permutation
-    seeded with seed + e, cut into global batches; process r cuts the r-th slice of each into
-    micro-batches: the same slots on any number of processes, and a resume goes on in order."""
-
-    def __init__(self, n, global_batch, micro_batch, rank, world, seed, start=0):
-        self.micro = micro_batch or global_batch // world
-        if global_batch % (world * self.micro) or n < global_batch:
-            raise ValueError(f"--global-batch {global_batch}: over {n} images, or not a "
-                             f"multiple of {world} processes x --micro-batch {self.micro}")
-        self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
-        self.per_rank, self.accum = global_batch // world, global_batch // (world * self.micro)
-        self.offset = rank * self.per_rank
-
-    def __iter__(self):
-        g = torch.Generator()
-        for step in itertools.count(self.start):
-            epoch, s = divmod(step, self.n // self.global_batch)
-            if step == self.start or s == 0:
-                perm = torch.randperm(self.n, generator=g.manual_seed(self.seed + epoch)).tolist()
-            mine = perm[s * self.global_batch + self.offset:][:self.per_rank]
-            for m in range(0, self.per_rank, self.micro):
-                yield [epoch * self.n + i for i in mine[m:m + self.micro]]
+def global_batches(n, batch, micro, rank, world, seed, start):
+    """One process's micro-batches from step `start` on: epoch e, a permutation seeded with
+    seed + e, cut into global batches, whose r-th slices process r cuts into micro-batches (the
+    same slots on any number of processes)."""
+    for step in itertools.count(start):
+        epoch, s = divmod(step, n // batch)
+        if step == start or s == 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        mine = perm[s * batch + rank * batch // world:][:batch // world].tolist()
+        for m in range(0, batch // world, micro):
+            yield [epoch * n + i for i in mine[m:m + micro]]
 
 
 def batches(dataset, args, rank, world, step, device):
-    """An endless iterator of (inputs, labels) micro-batches from `step` on, on the device, the
-    same on a resume and on N processes; and `accum`, micro-batches a step."""
-    sampler = GlobalBatchSampler(len(dataset), args.global_batch, args.micro_batch, rank, world,
-                                 args.seed, step)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=worker_init)
-    return ((x.to(device, non_blocking=True), y.to(device)) for x, y in loader), sampler.accum
+    """-> (endless micro-batches (inputs, labels) on the device, micro-batches a step)."""
+    n, batch = len(dataset), args.global_batch
+    micro = args.micro_batch or batch // world
+    if batch % (world * micro) or n < batch:
+        raise ValueError(f"--global-batch {batch}: over {n} images, or not a multiple of "
+                         f"{world} processes x --micro-batch {micro}")
+    order = global_batches(n, batch, micro, rank, world, args.seed, step)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, worker_init_fn=worker_init,
+                                         num_workers=args.workers, pin_memory=args.device == "cuda")
+    return ((x.to(device), y.to(device)) for x, y in loader), batch // world // micro
 
 
 def wrap(model, args, device, world):  # torch.compile and DDP around the model, as asked
     net = torch.compile(model) if args.compile else model
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    cuda = [device.index] if device.type == "cuda" else None
+    return DDP(net, device_ids=cuda) if world > 1 else net
 
 
 def get_lr(step, args):
@@ -1359,8 +1306,8 @@ def make_optimizer(model, lr, weight_decay, beta2, fused=False):
 
 
 def restore(ckpt, model, optimizer, decay):
-    """The checkpoint's weights and optimizer moments, and the EMA (what is sampled; None if decay
-    is 0), the checkpoint's or a copy of the model -> (the step, the EMA)."""
+    """The checkpoint's weights and AdamW moments; the EMA (sampled; None if decay is 0): the
+    checkpoint's or a copy -> (the step, the EMA)."""
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1372,9 +1319,9 @@ def restore(ckpt, model, optimizer, decay):
 
 @contextlib.contextmanager
 def micro_batch(net, args, step, m, accum):
-    """The forward of micro-batch m of a step: its draws (t, noise, dropout) after reseeding with
-    (seed, step, m), so a resumed run draws as the uninterrupted one, on any number of processes;
-    DDP's gradient sync in the last micro-batch's backward only; bf16 autocast if asked."""
+    """Micro-batch m's forward: its draws (t, noise, dropout) after reseeding with (seed, step,
+    m), as an uninterrupted run on any number of processes; DDP syncs in the last one's
+    backward only; bf16 autocast if asked."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.manual_seed((args.seed * 1_000_003 + step * 10_007 + rank * accum + m) % 2 ** 63)
     if isinstance(net, DDP):
@@ -1384,8 +1331,7 @@ def micro_batch(net, args, step, m, accum):
 
 
 def optimizer_step(model, optimizer, ema, step, args):
-    """AdamW at the step's learning rate (get_lr), after clipping the gradient norm; then
-    ema <- decay ema + (1 - decay) model. -> the norm before clipping."""
+    """AdamW at the step's lr after clipping the gradient norm (-> it); ema <- lerp to model."""
     for group in optimizer.param_groups:
         group["lr"] = get_lr(step, args)
     norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -1399,26 +1345,25 @@ def optimizer_step(model, optimizer, ema, step, args):
 
 
 class Progress:
-    """The loop's bookkeeping: a progress bar; the loss terms since the last read, summed on the
-    device (no sync a step: nanoGPT reads its loss at log time only too); Ctrl-C and SIGTERM,
-    caught (the loop saves, then stops); the step ckpt.pt holds."""
+    """The loop's bookkeeping: a bar; the loss terms since a read, summed on the device (no
+    sync a step); Ctrl-C and SIGTERM, caught (to save, then stop); the step ckpt.pt holds."""
 
     def __init__(self, args, step, ckpt, rank):
-        self.sums, self.steps, self.t0, self.saved, self.caught = {}, 0, time.time(), None, []
+        self.sums, self.steps, self.t0, self.caught = {}, 0, time.time(), []
         self.saved = step if ckpt else None
         self.bar = tqdm(total=args.max_steps, initial=step, disable=rank > 0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda n, _: self.caught.append(signal.Signals(n).name))
 
-    def add(self, scale=1.0, **terms):  # one micro-batch's (or step's) tensors, times scale
+    def add(self, scale=1.0, **terms):  # a micro-batch's (or step's) loss terms, times scale
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * scale
 
 
 def end_step(args, step, progress, log, model, ema, optimizer, unit, **extra):
-    """The end of a step in both trainers -> stop? Every --log-every steps, at a checkpoint and a
-    stop, the losses are read and logged; a non-finite loss or weight stops the run before a
-    save, so ckpt.pt keeps its last good step. ckpt.pt: --ckpt-every, the end, a stop."""
+    """A step's end, both trainers' -> stop? At --log-every steps, a checkpoint and a stop, the
+    losses are read and logged; a non-finite loss or weight stops the run before a save (ckpt.pt
+    keeps its last good step). ckpt.pt: every --ckpt-every steps, at the end, at a stop."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     p, first = progress, world == 1 or torch.distributed.get_rank() == 0
     p.steps += 1
@@ -1435,8 +1380,8 @@ def end_step(args, step, progress, log, model, ema, optimizer, unit, **extra):
     means = {k: v / p.steps for k, v in zip(p.sums, sums)}
     rate, lr = unit[1] * p.steps / (time.time() - p.t0), optimizer.param_groups[0]["lr"]
     p.sums, p.steps, p.t0 = {}, 0, time.time()
-    log(f"step {step}/{args.max_steps} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-        + f" | lr {lr:.2e} | {rate:.1f} {unit[0]}/s")
+    terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+    log(f"step {step}/{args.max_steps} | {terms} | lr {lr:.2e} | {rate:.1f} {unit[0]}/s")
     if first:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(dict(step=step, lr=lr, **means)) + "\n")
@@ -1460,10 +1405,10 @@ def finish(progress, step, args, log):  # a run a signal stopped: one line, exit
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if step < args.max_steps:
-        first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         by = progress.caught[0] if progress.caught else "another process"
-        sys.exit(f"stopped by {by} at step {step}: {args.out}/ckpt.pt (the same command "
-                 f"resumes)" if first else 1)
+        first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        sys.exit(f"stopped by {by} at step {step}: {args.out}/ckpt.pt, which the same command "
+                 f"resumes" if first else 1)
     log(f"done: {args.out}/ckpt.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -1507,47 +1452,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass  # every flag's default, and the docstring as written
 
 
-def parser(doc):  # no abbreviations: a flag is written out, so one a mode cannot use is found
+def parser(doc):  # no abbreviations: a flag is written out, so `typed` finds it
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter,
                                    allow_abbrev=False)
 
 
-def typed(argv):  # the flags written on the command line (argv, else sys.argv's)
+def typed(argv):  # the flags on the command line (argv, else sys.argv's)
     return {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
 
 
 def add_run_arguments(p, presets, default):  # both trainers'; a preset sets their defaults
     add, on_off = p.add_argument, argparse.BooleanOptionalAction
     add("--preset", default=default, choices=sorted(presets), help="model size (and defaults)")
-    add("--data", help="an ImageFolder directory (root/<class>/<image>) or fashion-mnist")
+    add("--data", help="an ImageFolder tree (root/<class>/<image>) or fashion-mnist")
     add("--out", help="run directory; None: runs/<preset>")
-    add("--init-from", help="fine-tune these weights (a released name or a file)")
+    add("--init-from", help="fine-tune these weights: a released name or a file")
     add("--no-resume", action="store_true", help="start afresh over the run in --out")
     add("--global-batch", type=positive_int, help="images a step, all processes")
-    add("--micro-batch", type=positive_int, help="a forward's, per process (accumulation)")
+    add("--micro-batch", type=positive_int, help="a forward's (accumulation)")
     add("--max-steps", type=positive_int, help="optimizer steps")
-    add("--lr", type=positive_float, help="AdamW learning rate (dar.get_lr)")
-    add("--warmup", type=nonneg_int, default=0, help="linear warm-up steps")
+    add("--lr", type=positive_float, help="learning rate (dar.get_lr)")
+    add("--warmup", type=nonneg_int, default=0, help="steps")
     add("--decay-steps", type=nonneg_int, help="the last steps, linear to 1e-5")
-    add("--weight-decay", type=nonneg_float, help="AdamW, of matrices and embeddings")
-    add("--beta2", type=decay, default=0.95, help="AdamW beta2")
+    add("--weight-decay", type=nonneg_float, help="AdamW's")
+    add("--beta2", type=decay, default=0.95, help="AdamW's")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    add("--ema-decay", type=decay, help="EMA of the weights (sampled); 0: none")
+    add("--ema-decay", type=decay, help="of the sampled weights; 0: no EMA")
     add("--augment", action=on_off, help="random crops and flips")
     add("--seed", type=seed, default=0, help="of the weights, data order and draws")
     add("--device", default=DEVICE, choices=["cuda", "mps", "cpu"])
-    add("--bf16", action=on_off, help="bf16 autocast; None: with cuda")
+    add("--bf16", action=on_off, help="autocast; None: with cuda")
     add("--compile", action=on_off, help="torch.compile; None: with cuda")
     add("--grad-checkpointing", action="store_true", help="less memory, ~30%% more compute")
-    add("--threads", type=threads, help="compute threads; None: the cores less the workers")
+    add("--threads", type=threads, help="None: the cores less the workers")
     add("--workers", type=nonneg_int, default=0, help="data-loader processes a process")
-    add("--log-every", type=positive_int, help="steps a log line (and metrics.jsonl)")
-    add("--ckpt-every", type=positive_int, help="steps a checkpoint")
-    add("--sample-every", type=positive_int, help="steps a sample grid")
+    add("--log-every", type=positive_int, help="steps")
+    add("--ckpt-every", type=positive_int, help="steps")
+    add("--sample-every", type=positive_int, help="steps")
 
 
 def parse_run_args(p, run_defaults, argv=None):
-    """Two passes: the first finds --preset, whose run settings are the defaults of the second."""
+    """Two passes: the first finds --preset, whose settings are the second's defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].preset
     p.set_defaults(**run_defaults[preset])
@@ -1557,14 +1502,14 @@ def parse_run_args(p, run_defaults, argv=None):
     return args
 
 
-def one_line(e):  # an exception as one line: its type and its message's first line
+def one_line(e):  # an exception's type and the first line of its message
     lines = [line for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
 
 
 def cli(main, argv=None):
-    """main as `python script.py` runs it: bad input, a missing file, a refusal or Ctrl-C end
-    in one line, exit status 1 (a loader worker's traceback ends in its error)."""
+    """main as a script: bad input, a missing file, a refusal, Ctrl-C: one line, exit status 1
+    (a loader worker's traceback ends in its error)."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:
@@ -1573,11 +1518,21 @@ def cli(main, argv=None):
         sys.exit("stopped by Ctrl-C")
 
 
+def bf16_default(device):
+    """bf16 where the hardware computes in it (a GPU; a CPU with AMX or AVX-512 BF16, others
+    emulate it, slower than fp32) -> (on?, why)."""
+    if device != "cpu":
+        return device == "cuda", device
+    amx, avx = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    return amx or avx, f"the CPU has {'AMX' if amx else 'AVX-512 BF16' if avx else 'no bf16 unit'}"
+
+
 def prepare_sampling(tok, gpt, bf16, compile):
-    """In place: bf16 Llama weights halve what a token step reads; compile: the DiT and the
-    token step through torch.compile (on a GPU the step becomes a CUDA graph)."""
-    if bf16:
-        gpt.to(torch.bfloat16)
+    """In place: bf16 weights (half the bytes a token step reads); torch.compile for the DiT
+    and the token step (on a GPU a CUDA graph)."""
+    if bf16:  # (not .to(): it would cast the complex RoPE tables too)
+        for p in [*gpt.parameters(), *tok.decoder.parameters(), *tok.dit.parameters()]:
+            p.data = p.data.to(torch.bfloat16)
     if compile:
         tok.dit.compile()
         mode = "reduce-overhead" if gpt.output.weight.is_cuda else "default"
@@ -1586,13 +1541,13 @@ def prepare_sampling(tok, gpt, bf16, compile):
 
 @torch.no_grad()
 def draw(tok, gpt, labels, seed, guidance=1.0, temperature=1.0, solver="adams2", steps=None,
-         prefix=None, bf16=False):
-    """Streaming D-AR from `seed` -> the images (B, 3, H, W) after each decoder step."""
+         prefix=None):
+    """Streaming D-AR from `seed` -> the images (B, 3, H, W) after each step. The models compute
+    in their weights' dtype (prepare_sampling), the sampler's state in float32."""
     torch.manual_seed(seed)
-    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return [image.float() for _, image in generate_images(
-            gpt, tok, labels, None, solver, steps, guidance=guidance, temperature=temperature,
-            prefix=prefix)]
+    return [image.float() for _, image in generate_images(
+        gpt, tok, labels, None, solver, steps, guidance=guidance, temperature=temperature,
+        prefix=prefix)]
 
 
 def output_step(preview_step, steps):  # the step whose image is the output: --preview-step, last

@@ -35,6 +35,7 @@ import dar
 
 GRID_FLAGS = ["--class", "--num-per-class", "--preview", "--layout", "--prefix-tokens", "--grid"]
 BULK_FLAGS = ["--num-samples", "--batch-size"]
+PAPER_GUIDANCE = {"D-AR-L": (1.1, 8.0), "D-AR-XL": (1.1, 10.0)}  # the paper's linear schedules
 DRAWN_BY = ("gpt", "tokenizer", "seed", "batch_size", "guidance", "temperature", "solver", "steps",
             "bf16", "preview_step")  # the settings that decide a bulk run's images
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     add("--solver", choices=["adams2", "euler"], default="adams2", help="the decoder's ODE solver")
     add("--steps", type=dar.positive_int, help="decoder steps; None: the tokenizer's")
     add("--preview-step", type=dar.positive_int, help="output the image after this step")
-    add("--bf16", action=argparse.BooleanOptionalAction, help="bf16 weights; None: with cuda")
+    add("--bf16", action=argparse.BooleanOptionalAction, help="None: where the hardware has it")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile; None: with cuda")
     add("--preview", action="store_true", help="a row per sample: the image after each decoder "
         "step; and an animated GIF of the samples forming")
@@ -81,7 +82,8 @@ def parse_args(argv=None):
         p.error("--layout and --prefix-tokens go together")
     if args.layout and not os.path.isfile(args.layout):
         p.error(f"--layout {args.layout}: no such file")
-    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    bf16, why = dar.bf16_default(args.device)  # where the hardware computes in bf16
+    args.bf16, args.bf16_why = (bf16, why) if args.bf16 is None else (args.bf16, "--bf16")
     args.compile = args.device == "cuda" if args.compile is None else args.compile
     return args
 
@@ -156,9 +158,10 @@ def main(argv=None):
     rank, world, device = dar.setup(args.device, args.threads)
     tok, gpt, args.tokenizer = load_pair(args.gpt, args.tokenizer, device)
     if args.guidance is None:
-        args.guidance = dar.PAPER_GUIDANCE.get(args.gpt, 1.0)
+        args.guidance = PAPER_GUIDANCE.get(args.gpt, 1.0)
     if rank == 0:
-        print(f"weights: tokenizer {args.tokenizer} | GPT {args.gpt} | guidance {args.guidance}")
+        print(f"weights: tokenizer {args.tokenizer} | GPT {args.gpt} | guidance {args.guidance} | "
+              f"{'bf16' if args.bf16 else 'fp32'} ({args.bf16_why})")
     if args.list_classes:
         for i in range(gpt.cfg.num_classes):
             print(i, gpt.classes[i] if gpt.classes else "")
@@ -172,7 +175,7 @@ def main(argv=None):
 
     def draw(labels, seed):  # a batch's images after the output step
         return dar.draw(tok, gpt, labels.to(device), seed, args.guidance, args.temperature,
-                        args.solver, args.steps, None, args.bf16)[out_step - 1]
+                        args.solver, args.steps)[out_step - 1]
 
     if args.out:
         return bulk(args, draw, gpt.cfg.num_classes, rank, world, made_by)
@@ -189,7 +192,7 @@ def main(argv=None):
         prefix = tok.encode(ref[None])[:, :args.prefix_tokens].expand(len(labels), -1)
     t0 = time.perf_counter()
     steps = dar.draw(tok, gpt, labels.to(device), args.seed, args.guidance, args.temperature,
-                     args.solver, args.steps, prefix, args.bf16)
+                     args.solver, args.steps, prefix)
     images, seconds = steps[out_step - 1], time.perf_counter() - t0
     print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s)")
     if args.preview:     # a row per sample: after step 1, 2, ..., the final image last

@@ -1424,13 +1424,24 @@ def test_bench_refuses_a_preset_of_another_stage(monkeypatch):
     assert e.value.code == 2 and "--preset" in err.getvalue()
 
 
-def test_bench_times_every_stage(monkeypatch, capsys):
-    for argv in (["tokenizer", "--preset", "tokenizer_tiny"],
-                 ["ar", "--preset", "GPT-tiny", "--tokenizer-preset", "tokenizer_tiny"],
-                 ["sample", "--preset", "GPT-tiny", "--tokenizer-preset", "tokenizer_tiny", "--guidance", "1.1,8"]):
-        monkeypatch.setattr(sys, "argv", ["bench.py", *argv, "--batch-size", "2", "--repeats", "1"])
-        runpy.run_path(os.path.join(HERE, "bench.py"), run_name="__main__")
-    out = capsys.readouterr().out
-    assert re.search(r"training step [\d.]+ ms", out) and re.search(r"[\d.]+ tok/s", out)
-    for stage in ("AR generation", "pixel decoding", "end to end"):
-        assert re.search(stage + r" +[\d.]+ s", out), stage
+def test_bench_prints_each_stage_beside_its_measured_floor(monkeypatch, capsys):
+    """The floor line names the rate measured in the same run; the ratio is a finite number."""
+    for argv in (["sample", "--preset", "GPT-tiny"], ["ar", "--preset", "GPT-tiny"],
+                 ["tokenizer", "--preset", "tokenizer_tiny"]):
+        bench = runpy.run_path(os.path.join(HERE, "bench.py"))
+        bench["main"]([*argv, "--tokenizer-preset", "tokenizer_tiny", "--batch-size", "2",
+                       "--repeats", "1", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    for stage, rate in (("token step", "GB/s"), ("DiT step", "TFLOP/s"), ("training step", "TFLOP/s")):
+        line = next(line for line in lines if line.startswith(stage))
+        ratio = float(re.search(r"\| ([\d.]+)x", line).group(1))
+        assert re.search(rf"at [\d.]+ {rate}\)", line) and 0 < ratio < math.inf, line
+
+
+@pytest.mark.parametrize("amx,avx512_bf16", [(True, False), (False, True), (False, False)])
+def test_sampling_takes_bf16_where_the_cpu_computes_in_it(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    args = sample_script.parse_args(["--device", "cpu"])
+    assert args.bf16 == (amx or avx512_bf16)
+    assert not sample_script.parse_args(["--device", "cpu", "--no-bf16"]).bf16

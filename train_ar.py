@@ -159,7 +159,8 @@ def main(argv=None):
     # a resumed or fine-tuned GPT must write this tokenizer's codes (shapes, digest)
     dar.check_pair(tok, model, args.tokenizer, args.init_from or f"{args.out}/ckpt.pt")
     log = dar.open_run(args, ckpt, rank)           # the run directory is this trainer's now
-    tokenizer = args.tokenizer if args.tokenizer in dar.RELEASES else os.path.abspath(args.tokenizer)
+    release = args.tokenizer in dar.RELEASES
+    tokenizer = args.tokenizer if release else os.path.abspath(args.tokenizer)
     recorded = dict(tokenizer=tokenizer, classes=images.classes,  # in every checkpoint
                     tokenizer_digest=dar.digest(tok.encoder, tok.quantizer))
     for line in (f"tokenizer: {tokenizer} (frozen)", note):
