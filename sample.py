@@ -90,17 +90,19 @@ def parse_args(argv=None):
 
 def load_pair(gpt, tokenizer, device):
     """(tokenizer, GPT, the tokenizer's name): --tokenizer, else a released GPT's (tokenizer_v1),
-    else the one our trainer recorded; the two checked as a pair."""
-    gpt_path = dar.find_weights(gpt, "gpt")
-    if not tokenizer:
-        tokenizer = ("tokenizer_v1" if gpt in dar.RELEASES else
-                     dar.load_checkpoint(gpt_path).get("tokenizer"))
+    else the one our trainer recorded; the two checked as a pair. The GPT file is read once."""
+    gpt_path, model = dar.find_weights(gpt, "gpt"), None
+    if not tokenizer and gpt not in dar.RELEASES:  # ours records its tokenizer
+        model = dar.load_model(gpt_path, "gpt")
+        tokenizer = model.tokenizer
         if not tokenizer:
             raise dar.CheckpointError(f"--gpt {gpt} records no tokenizer: pass --tokenizer")
+    tokenizer = tokenizer or "tokenizer_v1"
     tok = dar.Tokenizer.from_pretrained(tokenizer).to(device)
-    model = dar.load_model(gpt_path, "gpt", block_size=tok.cfg.num_tokens).to(device)
+    if model is None:  # an official GPT's block size is its tokenizer's number of tokens
+        model = dar.load_model(gpt_path, "gpt", block_size=tok.cfg.num_tokens)
     dar.check_pair(tok, model, tokenizer, gpt)
-    return tok, model, tokenizer
+    return tok, model.to(device), tokenizer
 
 
 def bulk(args, draw, num_classes, rank, world, made_by):
