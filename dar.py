@@ -1106,6 +1106,11 @@ def list_images(folder):
                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def file_stamp(path):  # a file, cheaply, for caches' keys: its path, size and modification time
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def load_npz(path):  # an .npz, never unpickled; anything else is one line, not numpy's advice
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not an .npz of arrays")
@@ -1137,7 +1142,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """What the images are, cheaply (paths, sizes, mtimes; or arrays), for caches' keys."""
         h = hashlib.sha256(json.dumps(self.labels).encode())
         for f in self.files or []:
-            h.update(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}".encode())
+            h.update(file_stamp(f).encode())
         if self.files is None:
             h.update(np.ascontiguousarray(self.arrays))
         return h.hexdigest()[:16]

@@ -206,8 +206,7 @@ def file_features(net, path, limit, batch_size, desc):
     """Features of the first `limit` images (None: all) of an .npz or a folder, cached until a
     file changes (its size or modification time)."""
     files = [path] if os.path.isfile(path) else dar.list_images(path)
-    key = f"{os.path.abspath(path)}:{limit}:" + ",".join(
-        f"{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
+    key = f"{os.path.abspath(path)}:{limit}:" + ",".join(map(dar.file_stamp, files))
     compute = lambda: extract(net, *image_batches(path, batch_size, limit), desc)
     return cached(net, os.path.basename(path.rstrip(os.sep)), key, desc, compute)
 
